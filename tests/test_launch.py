@@ -48,3 +48,11 @@ def test_bad_config_key(tmp_path):
     cfg = tmp_path/"bad.yaml"; cfg.write_text(TINY.read_text() + "lamda: 1\n")
     r = subprocess.run([sys.executable, "-m", "distill_nb.launch", "hinton", "--config", str(cfg)], capture_output=True, text=True)
     assert r.returncode != 0 and "unknown key 'lamda'" in r.stderr and "Valid keys:" in r.stderr
+
+def test_missing_full_scale_data_is_a_clear_error(tmp_path):
+    cfg = ROOT/"configs"/"hinton"/"fashion.yaml"
+    env = {**os.environ, "DISTILL_NB_FASHION_DIR": str(tmp_path/"nowhere"), "DISTILL_NB_HOME": str(tmp_path/"home")}
+    r = subprocess.run([sys.executable, "-m", "distill_nb.launch", "hinton", "--config", str(cfg), "--out", str(tmp_path/"o")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "DataMissingError: Fashion-MNIST not found" in r.stderr and "make data" in r.stderr
+    assert "Traceback" not in r.stderr
