@@ -3,6 +3,7 @@
 #   make test        venv + packages + offline data, then sync checks, nbdev_test, pytest tests
 # Both are idempotent: a second run reuses the venv (.venv) and the data (~/.cache/distill_nb/data).
 SHELL   := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PY      := $(BIN)/python
@@ -22,8 +23,8 @@ help:  ## list the targets
 
 $(BIN)/.installed: settings.ini setup.py
 	[ -x $(PY) ] || python3 -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH) -e ".[dev]"
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(NODEPS)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH) -e ".[dev]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(NODEPS) 2>&1 | { grep -v '^WARNING: Location' || true; }
 	touch $@
 setup: $(BIN)/.installed  ## the venv with the CPU torch pin, the package (editable) and its dev tools
 
