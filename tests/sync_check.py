@@ -6,7 +6,7 @@
 4. the layout has no pyproject.toml (settings.ini + setup.py only).
 Works on a dirty checkout too: it compares copies, never the git index.
 """
-import filecmp, shutil, subprocess, sys, tempfile
+import shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
