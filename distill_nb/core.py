@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal, Union
 __all__ = ['seed_everything', 'get_device', 'home_dir', 'cache_dir', 'data_dir', 'repo_root', 'ConfigError', 'Config',
            'config_hash', 'atomic_write_bytes', 'atomic_write_json', 'CheckpointError', 'save_tensors', 'load_tensors',
            'tensors_metadata', 'Checkpointer', 'progress', 'NonFiniteLossError', 'check_finite', 'step_batch', 'fit',
-           'fixture_dirs', 'cached_tensors']
+           'fixture_dirs', 'cached_tensors', 'predict', 'accuracy']
 
 # %% ../nbs/00_core.ipynb #1df7874c
 import numpy as np
@@ -413,3 +413,15 @@ def cached_tensors(name:str, cfg, make:Callable[[], dict[str, Tensor]], verbose:
     out = make()
     save_tensors(cache_dir("models")/fn, out, {"name": name, "config": cfg})
     return out
+
+# %% ../nbs/00_core.ipynb #b0ccbb14
+@torch.no_grad()
+def predict(model:nn.Module, x:Tensor, batch_size:int=1000)->Tensor:
+    "Eval-mode outputs of `model` on `x`, computed in batches of `batch_size`."
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+def accuracy(model:nn.Module, x:Tensor, y:Tensor, batch_size:int=1000)->float:
+    "Top-1 accuracy of `model` on `(x, y)` in eval mode."
+    if len(x) != len(y): raise ValueError(f"accuracy: {len(x)} inputs but {len(y)} labels")
+    return (predict(model, x, batch_size).argmax(-1) == y).float().mean().item()

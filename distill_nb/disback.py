@@ -9,13 +9,13 @@ from typing import Literal
 
 # %% auto #0
 __all__ = ['Mode', 'RING_TEACHER', 'DIGITS_TEACHER', 'DIGITS_CLASSIFIER', 'BEDS', 'CLAIM', 'SWEEP', 'sample_shape', 'frozen_copy',
-           'check_pair', 'DegradationPath', 'record_degradation', 'FixedSwitch', 'AdaptiveSwitch', 'target_schedule',
-           'ScoreDistiller', 'SimulatedCrash', 'distill', 'ring_teacher', 'digits_teacher', 'digits_classifier',
+           'check_pair', 'DegradationPath', 'SimulatedCrash', 'record_degradation', 'FixedSwitch', 'AdaptiveSwitch',
+           'target_schedule', 'ScoreDistiller', 'distill', 'ring_teacher', 'digits_teacher', 'digits_classifier',
            'sample_teacher', 'ring_eval', 'digits_eval', 'path_profile', 'fake_init_losses', 'iters_to_reach',
            'curve_auc', 'speed', 'bed_teacher', 'bed_path', 'run_method', 'image_grid', 'ring_path_experiment',
-           'convergence_record', 'ring_convergence_experiment', 'digits_convergence_experiment',
-           'initial_direction_cos', 'mechanism_experiment', 'digits_sweep_experiment', 'save_run', 'load_pipeline',
-           'one_step_benchmark', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'disback_full']
+           'fake_loss_windows', 'convergence_record', 'ring_convergence_experiment', 'digits_convergence_experiment',
+           'claim_test', 'initial_direction_cos', 'mechanism_experiment', 'digits_sweep_experiment', 'save_run',
+           'load_pipeline', 'one_step_benchmark', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'disback_full']
 
 # %% ../nbs/20_disback.ipynb #8a1d0a94
 import numpy as np
@@ -129,7 +129,10 @@ def _model_class(name:str):
     if c is None: raise ValueError(f"unknown model class {name!r}; pass model_cls explicitly")
     return c
 
-# %% ../nbs/20_disback.ipynb #2c0929e2
+# %% ../nbs/20_disback.ipynb #17e17b99
+class SimulatedCrash(RuntimeError):
+    "Raised by the `crash_at` test hooks of `record_degradation` and `distill`."
+
 def record_degradation(teacher:nn.Module,        # s_θ: the pre-trained ε-network (not modified)
                        generator:nn.Module,      # G⁰: the initial one-step generator (frozen here)
                        n_nodes:int=10,           # N: the path has N+1 checkpoints
@@ -141,6 +144,7 @@ def record_degradation(teacher:nn.Module,        # s_θ: the pre-trained ε-netw
                        t_range:tuple=(0, 1000),  # t ~ U[low, high) for the denoising loss
                        out_dir:str|Path|None=None, # save each node there as it is made (save_pretrained), resumably
                        autocast=None,            # a context-manager factory (mixed precision), or None
+                       crash_at:int|None=None,   # test hook: stop (raise SimulatedCrash) before this step
                       )->DegradationPath:
     "Algorithm 1: fit a copy of the teacher to the frozen G⁰'s samples, keeping a snapshot every `every` steps."
     if n_nodes < 1: raise ValueError(f"n_nodes must be >= 1 (a path needs at least 2 checkpoints), got {n_nodes}")
@@ -163,6 +167,7 @@ def record_degradation(teacher:nn.Module,        # s_θ: the pre-trained ε-netw
                       for i in range(start // every + 1)]
         else: aux.save_pretrained(out_dir/"node-000")
     for step in progress(range(start, n_nodes * every), desc="degradation path"):
+        if crash_at is not None and step == crash_at: raise SimulatedCrash(f"simulated crash at degradation step {step}")
         g = step_generator(seed, step)
         z = torch.randn(sample_shape(teacher, batch_size), generator=g)
         t = torch.randint(t_range[0], t_range[1], (batch_size,), generator=g)
@@ -324,10 +329,7 @@ class ScoreDistiller:
             raise CheckpointError(f"the checkpoint was written by a {extra['mode']!r} run, this run is {self.mode!r}; use another output directory")
         self.switch.load_state_dict(extra["switch"]); self.set_target(int(extra["index"]))
 
-# %% ../nbs/20_disback.ipynb #17e17b99
-class SimulatedCrash(RuntimeError):
-    "Raised by the `crash_at` test hook of `distill`."
-
+# %% ../nbs/20_disback.ipynb #4ab27589
 def distill(sd:ScoreDistiller,             # the configured distiller (fresh, or to be resumed from `ckpt`)
             iters:int,                     # total iterations (a resumed run continues up to it)
             eval_fn=None,                  # eval_fn(sd) -> dict of metrics (lower is better), or None
@@ -531,6 +533,11 @@ def _mean_curve(runs:list[dict], key:str):
     its = [c["iter"] for c in runs[0]["curve"]]
     return its, np.mean([[c[key] for c in r["curve"]] for r in runs], 0)
 
+def fake_loss_windows(fake_losses:list[list[float]], windows=((0, 5), (5, 20), (20, 100)))->dict:
+    "Mean fake-score denoising loss on generator samples over iteration windows [a, b), averaged over the seeds' runs."
+    return {f"{a}-{b-1}": float(np.mean([np.mean(f[a:b]) for f in fake_losses])) for a, b in windows
+            if all(len(f) > a for f in fake_losses)}
+
 def convergence_record(bed:str, name:str, modes:tuple, seeds:list[int], scale:str, claim:str, **kw)->Record:
     "Run `modes` on `bed` for each seed and compare them with the baseline (speed ratio, AUC, final)."
     key = BEDS[bed]["key"]; runs = {m: [run_method(bed, m, s, **kw) for s in seeds] for m in modes}
@@ -556,7 +563,9 @@ def convergence_record(bed:str, name:str, modes:tuple, seeds:list[int], scale:st
                "auc": {m: [curve_auc(r["curve"], key) for r in runs[m]] for m in modes},
                "curves": {m: [r["curve"] for r in runs[m]] for m in modes},
                "target_reaches_teacher": next((i for i, v in enumerate(runs["disback"][0]["target"]) if v == 0), None),
-               "wall_s": {m: [r["wall_s"] for r in runs[m]] for m in modes}, **extra}
+               "wall_s": {m: [r["wall_s"] for r in runs[m]] for m in modes},
+               "fake_loss_early": {m: [[round(float(x), 6) for x in r["fake"][:100]] for r in runs[m]] for m in modes},
+               "fake_loss_windows": {m: fake_loss_windows([r["fake"] for r in runs[m]]) for m in modes}, **extra}
     plt = _plt(); fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for m in modes:
         for r in runs[m]: ax.plot([c["iter"] for c in r["curve"]], [c[key] for c in r["curve"]], color=f"C{modes.index(m)}", alpha=0.25, lw=0.8)
@@ -586,7 +595,13 @@ def ring_convergence_experiment(scale:str="quick", seeds:list[int]|None=None, **
 @experiment("disback", "digits_convergence", "D2: baseline vs DisBack vs fake-init-only on 8x8 digits (pixel-FD, classifier-FD)")
 def digits_convergence_experiment(scale:str="quick", seeds:list[int]|None=None, **kw)->Record:
     "Baseline vs DisBack vs fake-init only on digits, paired seeds."
-    return convergence_record("digits", "digits_convergence", ("baseline", "disback", "fake_init"), list(seeds if seeds is not None else [0, 1]), scale, CLAIM, **kw)
+    return convergence_record("digits", "digits_convergence", ("baseline", "disback", "fake_init"), list(seeds if seeds is not None else [0, 1, 2]), scale, CLAIM, **kw)
+
+def claim_test(rec:Record, method:str="disback")->dict:
+    "Digest test 4 on a convergence record: non-inferiority at the end (the only thing to assert) and the speed ratios (recorded)."
+    m = rec.metrics; fb, fo, margin = float(np.mean(m["final"]["baseline"])), float(np.mean(m["final"][method])), 2 * float(m["baseline_sd"])
+    return {"non_inferior": fo <= fb + margin, "final_baseline": fb, f"final_{method}": fo, "margin_2sd": margin,
+            "speed_ratio": [round(x, 2) for x in m["speed_ratio"][method]], "seeds": list(rec.seeds)}
 
 # %% ../nbs/20_disback.ipynb #7f518d38
 @torch.no_grad()
@@ -651,7 +666,7 @@ SWEEP = {
 @experiment("disback", "digits_sweep", "D2 sweep: path lr, checkpoint spacing, K, switch rule, and fake-init only (digits)")
 def digits_sweep_experiment(scale:str="quick", seeds:list[int]|None=None, variants:dict|None=None, **kw)->Record:
     "One-at-a-time sweep of DisBack's knobs on digits, plus the fake-init-only ablation, each against the baseline."
-    seeds = list(seeds if seeds is not None else [0, 1]); variants = SWEEP if variants is None else variants
+    seeds = list(seeds if seeds is not None else [0, 1, 2]); variants = SWEEP if variants is None else variants
     key = BEDS["digits"]["key"]; rows, res = [], {}
     base = [run_method("digits", "baseline", s, **kw) for s in seeds]
     for name, v in {**variants, "fake-init only": {"mode": "fake_init"}}.items():

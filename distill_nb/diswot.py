@@ -8,24 +8,26 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 # %% auto #0
-__all__ = ['NB201_OPS', 'NB201_EDGES', 'PROXIES', 'VANILLA_PROXIES', 'KD_PROXIES', 'DISWOT_PROXIES', 'S1_PAPER', 'ResBlock',
-           'StageNet', 'resnet_like', 'count_params', 'count_flops', 'SearchSpace', 'ResSpace', 's1_space', 'NB201Cell',
-           'NB201Space', 'gaussian_init', 'gradcam_alpha', 'gradcam', 'model_outputs', 'semantic_similarity',
-           'relation_similarity', 'diswot_metrics', 'common_stages', 'channel_gram_loss', 'proxy_grad_norm',
-           'proxy_snip', 'proxy_nwot', 'proxy_synflow', 'build_init', 'score_archs', 'regularized_evolution',
-           'random_search', 'conv3_count', 'search_quality', 'fashion_small', 'TrainConfig', 'train_net', 'predict',
-           'accuracy', 'QuickTeacherConfig', 'quick_teacher', 'student_result', 's1_ground_truth', 'd1_vanilla_vs_kd',
+__all__ = ['NB201_OPS', 'NB201_EDGES', 'RESNET34_STAGES', 'PROXIES', 'VANILLA_PROXIES', 'KD_PROXIES', 'DISWOT_PROXIES',
+           'S1_PAPER', 'ResBlock', 'StageNet', 'resnet_like', 'count_params', 'count_flops', 'SearchSpace', 'ResSpace',
+           's1_space', 'NB201Cell', 'NB201Space', 'resnet34', 'imagenet_space', 'from_torchvision_keys',
+           'to_torchvision_keys', 'load_resnet_weights', 'gaussian_init', 'gradcam_alpha', 'gradcam', 'model_outputs',
+           'semantic_similarity', 'relation_similarity', 'diswot_metrics', 'common_stages', 'channel_gram_loss',
+           'proxy_grad_norm', 'proxy_snip', 'proxy_nwot', 'proxy_synflow', 'build_init', 'score_archs',
+           'regularized_evolution', 'random_search', 'conv3_count', 'search_quality', 'fashion_small', 'TrainConfig',
+           'train_net', 'QuickTeacherConfig', 'quick_teacher', 'student_result', 's1_ground_truth', 'd1_vanilla_vs_kd',
            'scoring_batch', 'random_teacher', 'proxy_table', 'd2_score_vs_kd', 'diswot_fitness', 'd3_evolution',
-           'search_vs_train_benchmark', 'diswot_distill_loss', 'd5_distillers', 'DiswotFullConfig', 'full_data',
-           'augment', 'nb201_lookup', 'diswot_full']
+           'search_vs_train_benchmark', 'diswot_distill_loss', 'd5_distillers', 'DiswotFullConfig', 'augment',
+           'TensorData', 'FolderData', 'full_data', 'nb201_from_dict', 'nb201_accuracies', 'nb201_lookup',
+           'diswot_full']
 
-# %% ../nbs/40_diswot.ipynb #6e36eacc
+# %% ../nbs/40_diswot.ipynb #a38fdc16
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             cache_dir, config_hash, atomic_write_json, progress)
+                             cache_dir, config_hash, atomic_write_json, progress, predict, accuracy)
 from .kd import (sp_loss, ickd_semantic, ce_weight_grad, at_loss, rkd_loss, pkt_loss, cc_loss, nst_loss,
                            fitnet_loss, kd_kl)
 from .stats import spearman, kendall
@@ -63,16 +65,20 @@ def resnet_like(stages:Sequence[Sequence[int]],  # per stage (depth, width, kern
                 in_ch:int=1,                      # input channels
                 n_classes:int=10,                 # classes
                 stem_width:int|None=None,         # stem width (default: the first stage's width)
+                stem:Literal["cifar", "imagenet"]="cifar",  # 3x3 stride-1 conv, or 7x7 stride-2 conv + 3x3 max-pool
                )->StageNet:
-    "A CIFAR-style ResNet from per-stage `(depth, width, kernel)`; stride 2 at every stage but the first."
+    "A ResNet from per-stage `(depth, width, kernel)`; stride 2 at every stage but the first."
     stem_w = stem_width or stages[0][1]
-    stem = nn.Sequential(nn.Conv2d(in_ch, stem_w, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_w), nn.ReLU())
+    if stem == "cifar": stem_m = nn.Sequential(nn.Conv2d(in_ch, stem_w, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_w), nn.ReLU())
+    elif stem == "imagenet":
+        stem_m = nn.Sequential(nn.Conv2d(in_ch, stem_w, 7, 2, 3, bias=False), nn.BatchNorm2d(stem_w), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    else: raise ValueError(f"resnet_like: stem must be 'cifar' or 'imagenet', got {stem!r}")
     blocks, c = [], stem_w
     for i, (d, w, k) in enumerate(stages):
         if d < 1: raise ValueError(f"resnet_like: stage {i} has depth {d}; every stage needs at least one block")
         blocks.append(nn.Sequential(*[ResBlock(c if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1, k) for j in range(d)]))
         c = w
-    return StageNet(stem, blocks, c, n_classes)
+    return StageNet(stem_m, blocks, c, n_classes)
 
 # %% ../nbs/40_diswot.ipynb #f81c9941
 def count_params(model:nn.Module)->int:
@@ -115,11 +121,11 @@ _RES_RE = re.compile(r"d(\d+)w(\d+)k(\d+)")
 class ResSpace(SearchSpace):
     "ResNet-like space: per stage a depth, width and kernel from the given choices."
     def __init__(self, depths:Sequence[Sequence[int]], widths:Sequence[Sequence[int]], kernels:Sequence[Sequence[int]],
-                 in_ch:int=1, n_classes:int=10, short:bool=False, name:str="res"):
+                 in_ch:int=1, n_classes:int=10, short:bool=False, name:str="res", stem:str="cifar"):
         self.depths, self.widths, self.kernels = [list(d) for d in depths], [list(w) for w in widths], [list(k) for k in kernels]
         if not (len(self.depths) == len(self.widths) == len(self.kernels)):
             raise ValueError(f"ResSpace: depths, widths and kernels need one list per stage, got {len(self.depths)}, {len(self.widths)}, {len(self.kernels)}")
-        self.in_ch, self.n_classes, self.short, self.name = in_ch, n_classes, short, name
+        self.in_ch, self.n_classes, self.short, self.name, self.stem = in_ch, n_classes, short, name, stem
     @property
     def n_stages(self)->int: return len(self.depths)
     def encode(self, stages:Sequence[Sequence[int]])->str:
@@ -150,7 +156,7 @@ class ResSpace(SearchSpace):
         choices = (self.depths[i], self.widths[i], self.kernels[i])[j]
         st[i][j] = rng.choice([c for c in choices if c != st[i][j]])
         return self.encode(st)
-    def build(self, arch:str)->StageNet: return resnet_like(self.decode(arch), self.in_ch, self.n_classes)
+    def build(self, arch:str)->StageNet: return resnet_like(self.decode(arch), self.in_ch, self.n_classes, stem=self.stem)
     def size(self)->int: return math.prod(len(d) * len(w) * len(k) for d, w, k in zip(self.depths, self.widths, self.kernels))
     def all(self)->list[str]:
         per = [list(itertools.product(d, w, k)) for d, w, k in zip(self.depths, self.widths, self.kernels)]
@@ -224,6 +230,73 @@ class NB201Space(SearchSpace):
         return StageNet(stem, stages, 4 * C, self.n_classes, head=nn.Sequential(nn.BatchNorm2d(4 * C), nn.ReLU()))
     def size(self)->int: return len(NB201_OPS) ** len(NB201_EDGES)
     def all(self)->list[str]: return [self.encode(o) for o in itertools.product(NB201_OPS, repeat=len(NB201_EDGES))]
+
+# %% ../nbs/40_diswot.ipynb #ed2fb2e6
+RESNET34_STAGES = ((3, 64, 3), (4, 128, 3), (6, 256, 3), (3, 512, 3))
+
+def resnet34(n_classes:int=1000, in_ch:int=3)->StageNet:
+    "ResNet-34 (ImageNet stem, basic blocks, layout 3-4-6-3 at widths 64-512)."
+    return resnet_like(RESNET34_STAGES, in_ch, n_classes, stem_width=64, stem="imagenet")
+
+def imagenet_space(depths:Sequence[Sequence[int]]=((1, 2, 3), (1, 2, 3, 4), (1, 2, 3, 4, 5, 6), (1, 2, 3)),
+                   widths:Sequence[Sequence[int]]=((32, 48, 64, 80), (64, 96, 128, 160), (128, 192, 256, 320), (256, 384, 512, 640)),
+                   kernels:Sequence[Sequence[int]]=((3, 5, 7),) * 4,
+                   n_classes:int=1000, in_ch:int=3)->ResSpace:
+    "The ImageNet ResNet-like space: per stage a depth, width and kernel; archs are written 'd2w64k3-d2w128k5-...'."
+    return ResSpace(depths, widths, kernels, in_ch, n_classes, name="ImageNet-ResNet", stem="imagenet")
+
+_TV_STEM = {"conv1.": "stem.0.", "bn1.": "stem.1."}
+
+def from_torchvision_keys(sd:dict)->dict:
+    "Rename a ResNet state dict from the `conv1/bn1/layerL.B.../downsample/fc` layout to `resnet_like`'s names."
+    out = {}
+    for k, v in sd.items():
+        k2 = k[7:] if k.startswith("module.") else k
+        for a, b in _TV_STEM.items():
+            if k2.startswith(a): k2 = b + k2[len(a):]
+        m = re.match(r"layer(\d+)\.(\d+)\.(.*)", k2)
+        if m: k2 = f"stages.{int(m.group(1)) - 1}.{m.group(2)}." + m.group(3).replace("downsample.", "short.")
+        out[k2] = v
+    return out
+
+def to_torchvision_keys(sd:dict)->dict:
+    "The inverse of `from_torchvision_keys` (to write test files and share weights)."
+    out = {}
+    for k, v in sd.items():
+        k2 = k
+        for a, b in _TV_STEM.items():
+            if k2.startswith(b): k2 = a + k2[len(b):]
+        m = re.match(r"stages\.(\d+)\.(\d+)\.(.*)", k2)
+        if m: k2 = f"layer{int(m.group(1)) + 1}.{m.group(2)}." + m.group(3).replace("short.", "downsample.")
+        out[k2] = v
+    return out
+
+def load_resnet_weights(model:nn.Module, path:str|Path, what:str="the teacher's weights")->nn.Module:
+    "Load a `.safetensors` or `.pth` state dict (torchvision or `resnet_like` names) into `model`, safely and strictly."
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: place a ResNet state dict (.safetensors, or a .pth of tensors only; the "
+                                f"torchvision layout conv1/bn1/layer1..4/fc is accepted) at {p}, or set teacher_weights: to its path")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(p))
+    else:
+        try: sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{p} cannot be read with torch.load(weights_only=True) ({type(e).__name__}): it holds more than "
+                             f"tensors; re-save its state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors") from None
+        for key in ("state_dict", "model"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict): sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{p}: expected a dict of tensors (a state dict)")
+    sd = from_torchvision_keys(sd) if any(k.startswith(("layer1.", "module.layer1.", "conv1.")) for k in sd) else sd
+    own = model.state_dict(); missing = sorted(set(own) - set(sd)); extra = sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or extra or bad:
+        raise ValueError(f"{p} does not fit the model: {len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected keys "
+                         f"{extra[:3]}, {len(bad)} shape mismatches {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in bad[:2]]}; "
+                         f"check the architecture (teacher_stages, the number of classes)")
+    model.load_state_dict(sd); return model
 
 # %% ../nbs/40_diswot.ipynb #88aaef15
 def gaussian_init(model:nn.Module)->nn.Module:
@@ -526,7 +599,7 @@ def search_quality(parent:str="best", seeds:Sequence[int]=range(5), n_evals:int=
     sp = NB201Space(); f = conv3_count(sp)
     return sum(regularized_evolution(sp, f, n_evals, population, sample, seed=s, parent=parent)["fitness"] == 6 for s in seeds)
 
-# %% ../nbs/40_diswot.ipynb #ead188c2
+# %% ../nbs/40_diswot.ipynb #2e51edf1
 @functools.lru_cache(maxsize=4)
 def _fashion_small(n_train:int, n_test:int, size:int, seed:int):
     from distill_nb.data import load_fashion_mnist
@@ -577,15 +650,6 @@ def train_net(model:nn.Module, x:Tensor, y:Tensor, cfg:TrainConfig=TrainConfig()
         opt.zero_grad(); loss.backward(); opt.step(); return loss
     fit(step, steps, desc=desc); return model.eval()
 
-def predict(model:nn.Module, x:Tensor, bs:int=1000)->Tensor:
-    "Eval-mode logits in batches."
-    model.eval()
-    with torch.no_grad(): return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
-
-def accuracy(model:nn.Module, x:Tensor, y:Tensor)->float:
-    "Top-1 accuracy in eval mode."
-    return (predict(model, x).argmax(-1) == y).float().mean().item()
-
 # %% ../nbs/40_diswot.ipynb #7bb20dd7
 @dataclasses.dataclass
 class QuickTeacherConfig(Config):
@@ -610,7 +674,10 @@ def quick_teacher(cfg:QuickTeacherConfig=QuickTeacherConfig())->tuple[StageNet, 
     return m.eval().requires_grad_(False), t["train_logits"]
 
 # %% ../nbs/40_diswot.ipynb #8956b89e
-def _space_desc(space:SearchSpace)->dict: return {"class": type(space).__name__, **vars(space)}
+def _space_desc(space:SearchSpace)->dict:
+    d = {"class": type(space).__name__, **vars(space)}
+    if d.get("stem") == "cifar": del d["stem"]   # the default stem leaves the cache keys of earlier runs unchanged
+    return d
 
 def student_result(space:SearchSpace, arch:str, mode:Literal["vanilla", "kd"], cfg:TrainConfig=TrainConfig(),
                    n_train:int=8000, teacher_cfg:QuickTeacherConfig=QuickTeacherConfig())->dict:
@@ -881,23 +948,32 @@ def d5_distillers(scale:str="quick", seeds:list[int]|None=None, arch:str="222", 
 @dataclasses.dataclass
 class DiswotFullConfig(Config):
     "Full-scale DisWOT: teacher, training-free R-EA search, then KD of the winner."
-    dataset: Literal["cifar100", "fashion", "synthetic"] = "cifar100"
+    dataset: Literal["cifar100", "imagenet", "fashion", "synthetic"] = "cifar100"
     data_root: str = ""                      # full-data root ('' = $DISTILL_NB_FULL_DATA)
     n_synthetic: int = 256
     synthetic_size: int = 16
     synthetic_classes: int = 10
-    space: Literal["s1", "nb201"] = "s1"
+    image_size: int = 224                    # imagenet: crop side
+    resize: int = 256                        # imagenet: short side (then a square centre crop) before the crop
+    workers: int = 8                         # imagenet: image-decoding threads per process
+    eval_batch: int = 500
+    space: Literal["s1", "nb201", "imagenet"] = "s1"
     s1_depths: list[int] = dataclasses.field(default_factory=lambda: [1, 3, 5, 7])
     s1_widths: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
     nb201_C: int = 16
     nb201_N: int = 5
-    nb201_file: str = ""                     # JSON {arch: accuracy} (or the official .pth); needed for space nb201
+    nb201_file: str = ""                     # the official .pth or a JSON {arch: accuracy}; needed for space nb201
     nb201_dataset: str = "cifar100"
+    res_depths: list[list[int]] = dataclasses.field(default_factory=lambda: [list(d) for d in imagenet_space().depths])
+    res_widths: list[list[int]] = dataclasses.field(default_factory=lambda: [list(w) for w in imagenet_space().widths])
+    res_kernels: list[list[int]] = dataclasses.field(default_factory=lambda: [list(k) for k in imagenet_space().kernels])
     teacher_stages: list[list[int]] = dataclasses.field(default_factory=lambda: [[18, 16, 3], [18, 32, 3], [18, 64, 3]])
+    teacher_weights: str = ""                # a ResNet state dict to load instead of training ('' = train in-repo; imagenet: required)
     teacher_epochs: int = 240
     teacher_lr: float = 0.05
     teacher_batch_size: int = 64
     teacher_lr_decay_epochs: list[int] = dataclasses.field(default_factory=lambda: [150, 180, 210])
+    teacher_checkpoint_every: int = 1000
     score_batch: int = 64
     score_terms: list[str] = dataclasses.field(default_factory=lambda: ["semantic", "relation"])
     score_form: Literal["code", "paper"] = "code"
@@ -924,26 +1000,7 @@ class DiswotFullConfig(Config):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
 _CIFAR_MEAN, _CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-
-def full_data(cfg:DiswotFullConfig)->tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    "x_train, y_train, x_test, y_test (float, standardised) and the number of classes."
-    if cfg.dataset == "synthetic":
-        g = torch.Generator().manual_seed(cfg.seed); k, s = cfg.synthetic_classes, cfg.synthetic_size
-        centers = torch.randn(k, 3, s, s, generator=g)
-        def draw(n):
-            y = torch.randint(0, k, (n,), generator=g); return centers[y] + 1.5 * torch.randn(n, 3, s, s, generator=g), y
-        (x, y), (xt, yt) = draw(cfg.n_synthetic), draw(cfg.n_synthetic // 2)
-        return x, y, xt, yt, k
-    if cfg.dataset == "fashion":
-        from distill_nb.data import load_fashion_mnist
-        (x, y), (xt, yt) = load_fashion_mnist("train"), load_fashion_mnist("test")
-        f = lambda a: ((a.float() / 255. - 0.2860) / 0.3530).unsqueeze(1)
-        return f(x), y, f(xt), yt, 10
-    from distill_nb.data import cifar100
-    (x, y, _), (xt, yt, _) = cifar100(cfg.data_root or None, "train"), cifar100(cfg.data_root or None, "test")
-    mu, sd = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
-    f = lambda a: (a.float() / 255. - mu) / sd
-    return f(x), y, f(xt), yt, 100
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def augment(xb:Tensor, gen:torch.Generator, pad:int=4)->Tensor:
     "Random crop (zero padding `pad`) and horizontal flip, drawn from `gen` (seeded per step for exact resume)."
@@ -952,83 +1009,222 @@ def augment(xb:Tensor, gen:torch.Generator, pad:int=4)->Tensor:
     out = torch.stack([p[j, :, off[j, 0]:off[j, 0] + h, off[j, 1]:off[j, 1] + w] for j in range(n)])
     return torch.where(flip.view(n, 1, 1, 1).to(out.device), out.flip(-1), out)
 
-def nb201_lookup(path:str|Path, arch:str, dataset:str="cifar100")->float|None:
-    "The benchmark accuracy of `arch` from a user-placed NAS-Bench-201 file (JSON {arch: acc | {dataset: acc}})."
+class TensorData:
+    "An in-memory image set; `batch(idx, gen, rank, world)` augments the global batch (when `gen`) and keeps this rank's slice."
+    def __init__(self, x:Tensor, y:Tensor): self.x, self.y = x, y
+    def __len__(self): return len(self.y)
+    @property
+    def in_ch(self)->int: return self.x.shape[1]
+    def batch(self, idx:Tensor, gen:torch.Generator|None=None, rank:int=0, world:int=1)->tuple[Tensor, Tensor]:
+        xb = self.x[idx]
+        if gen is not None: xb = augment(xb, gen)
+        return xb[rank::world], self.y[idx][rank::world]
+
+class FolderData:
+    "ImageNet-style class folders read on demand: short side to `resize` + centre square, then a random (train) or centre crop."
+    def __init__(self, folder, size:int=224, resize:int=256, workers:int=0):
+        if resize < size: raise ValueError(f"resize ({resize}) must be >= image_size ({size})")
+        self.folder, self.size, self.resize, self.workers = folder, size, resize, workers
+        self.y = torch.tensor([c for _, c in folder.items], dtype=torch.long)
+        self.mean, self.std = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1), torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+    def __len__(self): return len(self.y)
+    in_ch = 3
+    def batch(self, idx:Tensor, gen:torch.Generator|None=None, rank:int=0, world:int=1)->tuple[Tensor, Tensor]:
+        from distill_nb.data import load_image
+        n, r, s = len(idx), self.resize, self.size
+        if gen is not None: off, flip = torch.randint(0, r - s + 1, (n, 2), generator=gen), torch.rand(n, generator=gen) < 0.5
+        else: off, flip = torch.full((n, 2), (r - s) // 2), torch.zeros(n, dtype=torch.bool)
+        keep = list(range(n))[rank::world]
+        def one(j):
+            x = load_image(self.folder.items[int(idx[j])][0], r)[:, off[j, 0]:off[j, 0] + s, off[j, 1]:off[j, 1] + s]
+            return ((x.flip(-1) if flip[j] else x) - self.mean) / self.std
+        if self.workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(self.workers) as ex: xs = list(ex.map(one, keep))
+        else: xs = [one(j) for j in keep]
+        return torch.stack(xs), self.y[idx][rank::world]
+
+def full_data(cfg:DiswotFullConfig)->tuple:
+    "(train, test, number of classes): `TensorData` for CIFAR-100 / Fashion-MNIST / synthetic, `FolderData` for ImageNet."
+    if cfg.dataset == "synthetic":
+        g = torch.Generator().manual_seed(cfg.seed); k, s = cfg.synthetic_classes, cfg.synthetic_size
+        centers = torch.randn(k, 3, s, s, generator=g)
+        def draw(n):
+            y = torch.randint(0, k, (n,), generator=g); return centers[y] + 1.5 * torch.randn(n, 3, s, s, generator=g), y
+        (x, y), (xt, yt) = draw(cfg.n_synthetic), draw(cfg.n_synthetic // 2)
+        return TensorData(x, y), TensorData(xt, yt), k
+    if cfg.dataset == "fashion":
+        from distill_nb.data import load_fashion_mnist
+        (x, y), (xt, yt) = load_fashion_mnist("train"), load_fashion_mnist("test")
+        f = lambda a: ((a.float() / 255. - 0.2860) / 0.3530).unsqueeze(1)
+        return TensorData(f(x), y), TensorData(f(xt), yt), 10
+    if cfg.dataset == "imagenet":
+        from distill_nb.data import imagenet_folder
+        tr, va = (imagenet_folder(cfg.data_root or None, sp, size=None) for sp in ("train", "val"))
+        if tr.classes != va.classes:
+            raise ValueError(f"ImageNet train and val class folders differ ({len(tr.classes)} vs {len(va.classes)}); sort val into the same <wnid>/ folders")
+        return (FolderData(tr, cfg.image_size, cfg.resize, cfg.workers), FolderData(va, cfg.image_size, cfg.resize, cfg.workers),
+                len(tr.classes))
+    from distill_nb.data import cifar100
+    (x, y, _), (xt, yt, _) = cifar100(cfg.data_root or None, "train"), cifar100(cfg.data_root or None, "test")
+    mu, sd = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
+    f = lambda a: (a.float() / 255. - mu) / sd
+    return TensorData(f(x), y), TensorData(f(xt), yt), 100
+
+# %% ../nbs/40_diswot.ipynb #3ac9820e
+_NB201_SET = {"cifar100": "x-test", "ImageNet16-120": "x-test", "cifar10": "ori-test", "cifar10-valid": "x-valid"}
+_NB201_CONVERT = ("convert it once, on a machine with the nas_201_api package: api = API('NAS-Bench-201-v1_0-e61699.pth'); "
+                  "json.dump({{api.arch(i): api.get_more_info(i, '{ds}', hp='200', is_random=False)['test-accuracy'] "
+                  "for i in range(len(api))}}, open('nb201-{ds}.json', 'w')); then set nb201_file: to the JSON")
+
+def nb201_from_dict(d:dict, dataset:str="cifar100", hp:str="full")->dict[str, float]:
+    "{arch string: final test accuracy (mean over seeds)} from the documented NAS-Bench-201 dictionary layout."
+    if not isinstance(d, dict) or "meta_archs" not in d or "arch2infos" not in d:
+        raise ValueError("not a NAS-Bench-201 benchmark dictionary (no 'meta_archs' / 'arch2infos')")
+    if dataset not in _NB201_SET: raise ValueError(f"nb201_dataset must be one of {list(_NB201_SET)}, got {dataset!r}")
+    out = {}
+    for idx, info in d["arch2infos"].items():
+        res = info[hp]["all_results"]
+        accs = []
+        for (ds, _seed), rc in res.items():
+            if ds == dataset: accs.append(float(rc["eval_acc1es"][f"{_NB201_SET[dataset]}@{int(rc['epochs']) - 1}"]))
+        if accs: out[d["meta_archs"][int(idx)]] = sum(accs) / len(accs)
+    if not out: raise ValueError(f"the NAS-Bench-201 file has no '{hp}' results for {dataset!r}")
+    return out
+
+def nb201_accuracies(path:str|Path, dataset:str="cifar100")->dict[str, float]:
+    "{arch: accuracy} from a user-placed NAS-Bench-201 file: the official .pth (read safely) or a JSON {arch: acc | {dataset: acc}}."
     p = Path(path) if path else None
     if p is None or not p.exists():
         raise FileNotFoundError(f"NAS-Bench-201 benchmark file not found ({path or 'nb201_file is empty'}): place "
                                 f"NAS-Bench-201-v1_0-e61699.pth, or a JSON {{arch string: accuracy}} converted from it, under "
                                 f"$DISTILL_NB_FULL_DATA/nas-bench-201/ and set nb201_file: to its path")
-    if p.suffix == ".json": d = json.loads(p.read_text())
-    else:
-        try: d = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{p} cannot be read safely (torch.load(weights_only=True) failed: {type(e).__name__}); convert it "
-                             f"to a JSON {{arch string: accuracy}} with the nas_201_api package and set nb201_file: to that") from None
-        if "meta_archs" not in d: raise ValueError(f"{p}: not a NAS-Bench-201 file (no 'meta_archs'); use the JSON form")
-        raise ValueError(f"{p}: reading accuracies from the .pth layout is not supported; convert it to a JSON {{arch: accuracy}}")
-    v = d.get(arch)
-    return float(v[dataset]) if isinstance(v, dict) else (None if v is None else float(v))
+    if p.suffix == ".json":
+        d = json.loads(p.read_text())
+        return {a: float(v[dataset] if isinstance(v, dict) else v) for a, v in d.items()}
+    try: d = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = str(e).strip().split("\n")[0][:200]
+        raise ValueError(f"{p} cannot be read safely: torch.load(weights_only=True) refused it ({type(e).__name__}: {why}). "
+                         + _NB201_CONVERT.format(ds=dataset)) from None
+    try: return nb201_from_dict(d, dataset)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{p}: unexpected NAS-Bench-201 layout ({e!r}); " + _NB201_CONVERT.format(ds=dataset)) from None
 
+def nb201_lookup(path:str|Path, arch:str, dataset:str="cifar100")->float|None:
+    "The benchmark accuracy of `arch` (None if the file does not list it)."
+    return nb201_accuracies(path, dataset).get(arch)
+
+# %% ../nbs/40_diswot.ipynb #4f47610b
 def _full_space(cfg:DiswotFullConfig, in_ch:int, k:int)->SearchSpace:
     if cfg.space == "s1": return s1_space(cfg.s1_depths, cfg.s1_widths, in_ch, k)
+    if cfg.space == "imagenet": return imagenet_space(cfg.res_depths, cfg.res_widths, cfg.res_kernels, k, in_ch)
     return NB201Space(cfg.nb201_C, cfg.nb201_N, in_ch, k)
 
 def _check_widths(cfg:DiswotFullConfig, space:SearchSpace):
-    c_s = cfg.s1_widths[-1] if cfg.space == "s1" else 4 * cfg.nb201_C
-    c_t = cfg.teacher_stages[-1][1]
-    if "semantic" in cfg.score_terms and c_s != c_t:
-        raise ValueError(f"the semantic metric needs C_S == C_T: students end with {c_s} channels, the teacher with {c_t}; "
-                         f"change the widths or use score_terms: [relation]")
     bad = [t for t in cfg.score_terms if t not in ("semantic", "relation")]
     if bad or not cfg.score_terms: raise ValueError(f"score_terms must be a non-empty subset of [semantic, relation], got {cfg.score_terms}")
+    c_s = {cfg.s1_widths[-1]} if cfg.space == "s1" else set(cfg.res_widths[-1]) if cfg.space == "imagenet" else {4 * cfg.nb201_C}
+    c_t = cfg.teacher_stages[-1][1]
+    if "semantic" in cfg.score_terms and c_s != {c_t}:
+        raise ValueError(f"the semantic metric needs C_S == C_T: students end with {sorted(c_s)} channels, the teacher with {c_t}; "
+                         f"change the widths or use score_terms: [relation]")
 
-# %% ../nbs/40_diswot.ipynb #4f47610b
+def _stem(cfg:DiswotFullConfig)->str: return "imagenet" if cfg.dataset == "imagenet" else "cifar"
+
+def _teacher_weights(cfg:DiswotFullConfig)->Path|None:
+    "The teacher file to load, or None to train the teacher in-repo."
+    if cfg.teacher_weights: return Path(cfg.teacher_weights)
+    if cfg.dataset != "imagenet": return None
+    from distill_nb.data import full_data_root
+    d = full_data_root(cfg.data_root or None)/"pretrained"
+    return next((p for p in (d/"resnet34.safetensors", d/"resnet34.pth") if p.exists()), d/"resnet34.safetensors")
+
 def _multistep_lr(lr:float, decay_epochs:Sequence[int], step:int, steps_per_epoch:int)->float:
     return lr * 0.1 ** sum(step >= e * steps_per_epoch for e in decay_epochs)
 
-def _train_teacher(cfg:DiswotFullConfig, x:Tensor, y:Tensor, k:int, device)->dict:
-    torch.manual_seed(cfg.seed); m = resnet_like(cfg.teacher_stages, x.shape[1], k).to(device)
-    opt = torch.optim.SGD(m.parameters(), cfg.teacher_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    spe = math.ceil(len(x) / cfg.teacher_batch_size); m.train()
-    def step(i):
-        for gp in opt.param_groups: gp["lr"] = _multistep_lr(cfg.teacher_lr, cfg.teacher_lr_decay_epochs, i, spe)
-        idx = step_batch(len(x), cfg.teacher_batch_size, i, cfg.seed + 1)
-        xb = augment(x[idx], torch.Generator().manual_seed(10_000_019 * (cfg.seed + 1) + i)) if cfg.augment else x[idx]
-        loss = F.cross_entropy(m(xb.to(device)), y[idx].to(device)); opt.zero_grad(); loss.backward(); opt.step(); return loss
-    fit(step, cfg.teacher_epochs * spe, desc="teacher")
-    return {k_: v.detach().cpu().clone().contiguous() for k_, v in m.state_dict().items()}
+class _NotCached(Exception): pass
 
+def _cached_only(name:str, cfg:dict)->dict|None:
+    def make(): raise _NotCached
+    try: return cached_tensors(name, cfg, make, verbose=False)
+    except _NotCached: return None
+
+def _train_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->dict:
+    "Train the teacher on every process (each its slice of the global batch), checkpointed and resumable."
+    torch.manual_seed(cfg.seed); m = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg))
+    opt = torch.optim.SGD(m.parameters(), cfg.teacher_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    m, opt = acc.prepare(m, opt); m.train()
+    spe = math.ceil(len(train) / cfg.teacher_batch_size); rank, world, dev = acc.process_index, acc.num_processes, acc.device
+    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_TEACHER_STEP", -1))
+    def step(i):
+        if i == crash_at and acc.is_main_process: os._exit(19)
+        for gp in opt.param_groups: gp["lr"] = _multistep_lr(cfg.teacher_lr, cfg.teacher_lr_decay_epochs, i, spe)
+        idx = step_batch(len(train), cfg.teacher_batch_size, i, cfg.seed + 1)
+        xb, yb = train.batch(idx, torch.Generator().manual_seed(10_000_019 * (cfg.seed + 1) + i) if cfg.augment else None, rank, world)
+        with acc.autocast(): loss = F.cross_entropy(m(xb.to(dev)), yb.to(dev))
+        opt.zero_grad(); acc.backward(loss); opt.step(); return acc.reduce(loss.detach(), "mean")
+    ck = Checkpointer(out/"teacher"/"checkpoints", keep=cfg.keep)
+    r = fit(step, cfg.teacher_epochs * spe, ck, {"teacher": acc.unwrap_model(m)}, {"opt": opt}, every=cfg.teacher_checkpoint_every,
+            desc="teacher", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    if acc.is_main_process: atomic_write_json(out/"teacher"/"summary.json", {"resumed_from": r["resumed_from"], "final_loss": r["losses"][-1]})
+    return {k_: v.detach().cpu().clone().contiguous() for k_, v in acc.unwrap_model(m).state_dict().items()}
+
+def _full_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->StageNet:
+    "The trained teacher: loaded from `teacher_weights`, else from the cache, else trained (resumably) and cached."
+    m = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg)); w = _teacher_weights(cfg)
+    if w is not None: return load_resnet_weights(m, w, f"the {cfg.dataset} teacher's weights")
+    t_cfg = {f: getattr(cfg, f) for f in ("dataset", "n_synthetic", "synthetic_size", "synthetic_classes", "teacher_stages",
+                                          "teacher_epochs", "teacher_lr", "teacher_lr_decay_epochs", "teacher_batch_size", "momentum",
+                                          "weight_decay", "augment", "seed")}
+    sd = _cached_only("diswot-full-teacher", t_cfg)
+    if sd is None:
+        sd = _train_teacher(cfg, train, k, acc, out)
+        if acc.is_main_process: cached_tensors("diswot-full-teacher", t_cfg, lambda: sd)
+        acc.wait_for_everyone()
+        sd = cached_tensors("diswot-full-teacher", t_cfg, lambda: sd)   # every process reads the main process's file
+    m.load_state_dict(sd); return m
+
+def _evaluate(model:nn.Module, data, bs:int, dev)->float:
+    model.eval(); hits = 0
+    with torch.no_grad():
+        for i in range(0, len(data), bs):
+            xb, yb = data.batch(torch.arange(i, min(i + bs, len(data))))
+            hits += (model(xb.to(dev)).argmax(-1).cpu() == yb).sum().item()
+    return hits / len(data)
+
+# %% ../nbs/40_diswot.ipynb #b3327d25
 @launcher("diswot", DiswotFullConfig)
 def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
-    "Teacher (cached), DisWOT-guided R-EA (resumable), then resumable KD of the winner under accelerate."
+    "Teacher (loaded, cached or trained resumably), DisWOT-guided R-EA (resumable), then resumable KD of the winner under accelerate."
     out = Path(out); acc = make_accelerator(cfg.mixed_precision)
-    if cfg.space == "nb201": nb201_lookup(cfg.nb201_file, "", cfg.nb201_dataset)   # fail early with the placement message
-    x, y, xt, yt, k = full_data(cfg); space = _full_space(cfg, x.shape[1], k); _check_widths(cfg, space)
+    if cfg.space == "nb201": nb201_accuracies(cfg.nb201_file, cfg.nb201_dataset)   # fail early: placement or conversion message
+    if (cfg.space == "imagenet") != (cfg.dataset == "imagenet"):
+        raise ValueError(f"space {cfg.space!r} does not fit dataset {cfg.dataset!r}: the imagenet space goes with the imagenet data set")
+    if (w := _teacher_weights(cfg)) is not None and not w.is_file():
+        load_resnet_weights(nn.Identity(), w, f"the {cfg.dataset} teacher's weights")        # the "place ... at ..." error, before any work
+    train, test, k = full_data(cfg); space = _full_space(cfg, train.in_ch, k); _check_widths(cfg, space)
     dev = acc.device
-    with acc.main_process_first():
-        t_cfg = {f: getattr(cfg, f) for f in ("dataset", "n_synthetic", "synthetic_size", "synthetic_classes", "teacher_stages",
-                                              "teacher_epochs", "teacher_lr", "teacher_lr_decay_epochs", "teacher_batch_size", "momentum",
-                                              "weight_decay", "augment", "seed")}
-        sd = cached_tensors("diswot-full-teacher", t_cfg, lambda: _train_teacher(cfg, x, y, k, dev))
-    teacher = resnet_like(cfg.teacher_stages, x.shape[1], k); teacher.load_state_dict(sd)
-    teacher = teacher.eval().requires_grad_(False).to(dev)                 # frozen: never prepared, never DDP-wrapped
+    teacher = _full_teacher(cfg, train, k, acc, out).eval().requires_grad_(False).to(dev)   # frozen: never DDP-wrapped
     # --- training-free search (main process first; the others then read its finished state) ---
     crash_eval = int(os.environ.get("DISTILL_NB_CRASH_AT_EVAL", -1))
     def on_eval(n):
         if n == crash_eval and acc.is_main_process: os._exit(18)
     with acc.main_process_first():
-        gi = torch.Generator().manual_seed(cfg.seed); sidx = torch.randperm(len(x), generator=gi)[:cfg.score_batch]
-        xs, ys = x[sidx].to(dev), y[sidx].to(dev)
-        torch.manual_seed(cfg.seed); rt = resnet_like(cfg.teacher_stages, x.shape[1], k)
+        gi = torch.Generator().manual_seed(cfg.seed); sidx = torch.randperm(len(train), generator=gi)[:cfg.score_batch]
+        xs, ys = train.batch(sidx); xs, ys = xs.to(dev), ys.to(dev)
+        # the random teacher gets its own seed: with the students' seed, layers of equal shape would start identical
+        torch.manual_seed(cfg.seed + 7919); rt = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg))
         if cfg.init == "gaussian": gaussian_init(rt)
-        t_out = model_outputs(rt.to(dev), xs, ys, alpha=cfg.score_form == "paper")
+        t_out = model_outputs(rt.to(dev), xs, ys, alpha=cfg.score_form == "paper"); del rt
         def fitness(a):
-            m = build_init(space, a, cfg.seed, cfg.init).to(dev)
+            with torch.device(dev): m = build_init(space, a, cfg.seed, cfg.init)   # built and initialised on the device
             return diswot_metrics(model_outputs(m, xs, ys, alpha=cfg.score_form == "paper"), t_out, cfg.score_form, cfg.score_terms)["score"]
-        shape = tuple(x.shape[1:])
+        shape = tuple(xs.shape[1:])
+        def n_params(a):                        # built on the meta device: shapes only, no memory, no initialisation
+            with torch.device("meta"): return count_params(space.build(a))
         cost = (None if cfg.budget_kind == "none" else
-                (lambda a: count_flops(space.build(a), shape)) if cfg.budget_kind == "flops" else (lambda a: count_params(space.build(a))))
+                (lambda a: count_flops(space.build(a), shape)) if cfg.budget_kind == "flops" else n_params)
         out.mkdir(parents=True, exist_ok=True)
         search = regularized_evolution(space, fitness, cfg.evaluations, cfg.population, cfg.sample,
                                        None if cfg.budget_kind == "none" else cfg.budget, cost, cfg.seed,
@@ -1040,15 +1236,15 @@ def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
     torch.manual_seed(cfg.seed); student = space.build(best)
     opt = torch.optim.SGD(student.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     student, opt = acc.prepare(student, opt)
-    spe = math.ceil(len(x) / cfg.batch_size); steps = cfg.epochs * spe
+    spe = math.ceil(len(train) / cfg.batch_size); steps = cfg.epochs * spe
     crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))
     rank, world = acc.process_index, acc.num_processes
     def step(i):
         if i == crash_at and acc.is_main_process: os._exit(17)
         for gp in opt.param_groups: gp["lr"] = _multistep_lr(cfg.lr, cfg.lr_decay_epochs, i, spe)
-        idx = step_batch(len(x), cfg.batch_size, i, cfg.seed)
-        xb = augment(x[idx], torch.Generator().manual_seed(10_000_019 * cfg.seed + i)) if cfg.augment else x[idx]
-        xb, yb = xb[rank::world].to(dev), y[idx][rank::world].to(dev)
+        idx = step_batch(len(train), cfg.batch_size, i, cfg.seed)
+        xb, yb = train.batch(idx, torch.Generator().manual_seed(10_000_019 * cfg.seed + i) if cfg.augment else None, rank, world)
+        xb, yb = xb.to(dev), yb.to(dev)
         with torch.no_grad(): tb = teacher(xb)
         with acc.autocast():
             z = student(xb); loss = cfg.gamma * F.cross_entropy(z, yb) + cfg.alpha * kd_kl(z, tb, cfg.T)
@@ -1062,9 +1258,8 @@ def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
                "search_resumed_from": search["resumed_from"], "benchmark_accuracy": bench,
                "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": world}
     if acc.is_main_process:
-        s = acc.unwrap_model(student).eval()
-        ev = lambda m: (torch.cat([m(xt[i:i + 500].to(dev)).argmax(-1).cpu() for i in range(0, len(xt), 500)]) == yt).float().mean().item()
-        with torch.no_grad(): summary["test_acc"], summary["teacher_test_acc"] = ev(s), ev(teacher)
+        s = acc.unwrap_model(student)
+        summary["test_acc"], summary["teacher_test_acc"] = _evaluate(s, test, cfg.eval_batch, dev), _evaluate(teacher, test, cfg.eval_batch, dev)
         save_tensors(out/"student.safetensors", {k_: v.detach().cpu().contiguous() for k_, v in s.state_dict().items()})
         atomic_write_json(out/"summary.json", summary)
     return summary

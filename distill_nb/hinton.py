@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Literal
 
 # %% auto #0
-__all__ = ['digits_split', 'few_labels', 'mlp', 'TeacherConfig', 'train_classifier', 'digits_teacher', 'accuracy',
-           'train_student', 'soft_targets_experiment', 'teacher_cache_benchmark', 'HintonFullConfig', 'hinton_full']
+__all__ = ['digits_split', 'few_labels', 'mlp', 'TeacherConfig', 'train_classifier', 'digits_teacher', 'train_student',
+           'soft_targets_experiment', 'teacher_cache_benchmark', 'HintonFullConfig', 'hinton_full']
 
-# %% ../nbs/08_hinton.ipynb #4dda2619
+# %% ../nbs/08_hinton.ipynb #c64d177b
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             progress)
+                             progress, accuracy)
 from .records import Record, experiment, benchmark
 from .launch import launcher, make_accelerator
 from .kd import kd_kl
@@ -49,7 +49,7 @@ def mlp(sizes:list[int], dropout:float=0.0)->nn.Sequential:
         if i < len(sizes) - 2: layers += [nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
     return nn.Sequential(*layers)
 
-# %% ../nbs/08_hinton.ipynb #74c663df
+# %% ../nbs/08_hinton.ipynb #960addf4
 @dataclasses.dataclass
 class TeacherConfig(Config):
     sizes: list[int] = dataclasses.field(default_factory=lambda: [64, 512, 512, 10])
@@ -75,11 +75,6 @@ def digits_teacher(cfg:TeacherConfig=TeacherConfig())->nn.Module:
         return train_classifier(mlp(cfg.sizes, cfg.dropout), x, y, cfg.steps, cfg.lr, cfg.batch_size, cfg.seed, "teacher").state_dict()
     m = mlp(cfg.sizes, cfg.dropout); m.load_state_dict(cached_tensors("hinton-digits-teacher", cfg.to_dict(), make))
     return m.eval().requires_grad_(False)
-
-def accuracy(model:nn.Module, x:Tensor, y:Tensor)->float:
-    "Top-1 accuracy in eval mode."
-    model.eval()
-    with torch.no_grad(): return (model(x).argmax(-1) == y).float().mean().item()
 
 # %% ../nbs/08_hinton.ipynb #5aa3db54
 def train_student(arm:Literal["hard", "soft", "soft+transfer"], teacher:nn.Module, x:Tensor, y:Tensor,

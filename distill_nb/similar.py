@@ -12,19 +12,19 @@ __all__ = ['SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS', 'SCALES', 
            'make_target', 'SmallCNN', 'Source', 'SourceConfig', 'train_source', 'mnist_source', 'get_source',
            'sources_for', 'SourceFeatures', 'source_features', 'knn_loo', 'ncc_loo', 'logme_evidence', 'logme', 'leep',
            'nce', 'emd', 'domain_similarity', 'similarity', 'Probe', 'linear_probe', 'probe_teacher', 'source_weights',
-           'TargetNet', 'augment', 'StudentConfig', 'train_student', 'recalibrate_bn', 'accuracy', 'InitConfig',
-           'strong_init', 'GridConfig', 'choose_temperature', 'run_cell', 'run_grid', 'nearest_acc', 'random_acc',
-           'arm_table', 'within_target_test', 'correlation_table', 'similarity_figure', 'c1_similarity', 'arms_figure',
+           'TargetNet', 'augment', 'StudentConfig', 'train_student', 'recalibrate_bn', 'InitConfig', 'strong_init',
+           'GridConfig', 'choose_temperature', 'run_cell', 'run_grid', 'nearest_acc', 'random_acc', 'arm_table',
+           'within_target_test', 'correlation_table', 'similarity_figure', 'c1_similarity', 'arms_figure',
            'c2_weighted', 'score_vs_distill_benchmark', 'SourceSpec', 'SimilarFullConfig', 'TimmSource', 'build_source',
            'make_toy_image_folder', 'cached_source_features', 'similar_full']
 
-# %% ../nbs/30_distill_similar.ipynb #08b2e21e
+# %% ../nbs/30_distill_similar.ipynb #4b48a141
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             load_tensors, progress, config_hash)
+                             load_tensors, progress, config_hash, accuracy)
 from .data import image_domain, few_shot_split, load_mnist_cnn, DataMissingError, image_folder
 from .kd import soft_kl, hard_ce
 from .stats import spearman, paired_diff, mean_std
@@ -380,7 +380,7 @@ def augment(x:Tensor,                      # images (B, C, H, W) in [0, 1]
         out = out.masked_fill(hole[:, None].to(x.device), 0.)
     return out
 
-# %% ../nbs/30_distill_similar.ipynb #73fab6a1
+# %% ../nbs/30_distill_similar.ipynb #80f4ff31
 @dataclasses.dataclass
 class StudentConfig(Config):
     steps: int = 70          # Adam steps (the quick scale: 3 epochs of 128 over a 3 000-image pool)
@@ -461,11 +461,6 @@ def recalibrate_bn(net:nn.Module, x:Tensor, batch_size:int=500)->nn.Module:
         for i in range(0, len(x), batch_size): net(x[i:i + batch_size])
     for m in bns: m.momentum = 0.1
     return net.eval()
-
-def accuracy(net:nn.Module, x:Tensor, y:Tensor, batch_size:int=1000)->float:
-    "Top-1 accuracy in eval mode."
-    net.eval()
-    with torch.no_grad(): return float(torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).eq(y).float().mean())
 
 # %% ../nbs/30_distill_similar.ipynb #a44007e5
 @dataclasses.dataclass

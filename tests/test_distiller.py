@@ -7,7 +7,8 @@ import pytest, torch
 from safetensors.torch import load_file
 from distill_nb.launch import run_launch
 from distill_nb.distiller import (interpolated_bound, log_loomean, log_loomean_masked, log_loomean_naive, mi_alpha_cap,
-                                  GlueDistillConfig, DistillerPipeline, write_synthetic_glue, layer_mapping)
+                                  GlueDistillConfig, DistillerPipeline, DistillerLoss, write_synthetic_glue, layer_mapping,
+                                  e1_mi_alpha, check_labels, compact_vocab)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT/"configs"/"distiller"
@@ -44,6 +45,33 @@ def test_loo_stable_where_naive_fails():
     assert torch.allclose(log_loomean(S), log_loomean_masked(S), atol=1e-4)
     assert not torch.isfinite(log_loomean_naive(S)).all()
     assert math.isfinite(float(interpolated_bound(S, None, 1.0)))
+
+def _flipped(S, lb, a):   # the value of I_alpha with the gradient of -I_alpha: a loss with the wrong sign
+    e = interpolated_bound(S, lb, a); return 2 * e.detach() - e
+
+def test_e1_checks_catch_sign_flip_and_broken_loo():
+    "The same E1 run (seed 0) passes with the right estimator and fails with a sign-flipped loss or the naive leave-one-out."
+    lower = "MI=2: every alpha in [MI/2, MI + 3 s.e.]"
+    assert e1_mi_alpha(seeds=[0], steps=400, last=50, alphas=(1.0,), mis=(2.0,)).checks[lower]
+    assert not e1_mi_alpha(seeds=[0], steps=400, last=50, alphas=(1.0,), mis=(2.0,), bound=_flipped).checks[lower]
+    caps = ("every batch estimate <= 1 + log((K-1)/alpha)", "MI=8: alpha=1 mean < log K + 0.1")
+    ok = e1_mi_alpha(seeds=[0], steps=600, last=50, alphas=(1.0,), mis=(8.0,))
+    bad = e1_mi_alpha(seeds=[0], steps=600, last=50, alphas=(1.0,), mis=(8.0,),
+                      bound=lambda S, lb, a: interpolated_bound(S, lb, a, loo=log_loomean_naive))
+    assert all(ok.checks[k] for k in caps) and not any(bad.checks[k] for k in caps)
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda: DistillerLoss(DistillerPipeline(kd_loss="ce"), 8, 8, 2, 6, num_labels=1), "Use kd_loss='mse'"),
+    (lambda: DistillerLoss(DistillerPipeline(intermediate="mse", project=False), 128, 384, 2, 6), "set project=True"),
+    (lambda: DistillerPipeline(intermediate="mi_alpha"), "unknown intermediate"),
+    (lambda: DistillerPipeline(mapping="skp"), "did you mean 'skip'"),
+    (lambda: check_labels(torch.tensor([]), 2), "is empty"),
+    (lambda: check_labels(torch.tensor([1, 1, 1]), 2), "one class"),
+    (lambda: compact_vocab(torch.tensor([3, 4]), vocab=torch.tensor([3])), "not in `vocab`"),
+])
+def test_bad_input_is_explained(make, msg):
+    with pytest.raises(ValueError) as e: make()
+    assert msg in str(e.value)
 
 def test_mappings_cover_layers():
     assert [j for _, j in layer_mapping("skip", 4, 12)] == [0, 3, 6, 9, 12]
