@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal, Union
 __all__ = ['seed_everything', 'get_device', 'home_dir', 'cache_dir', 'data_dir', 'repo_root', 'ConfigError', 'Config',
            'config_hash', 'atomic_write_bytes', 'atomic_write_json', 'CheckpointError', 'save_tensors', 'load_tensors',
            'tensors_metadata', 'Checkpointer', 'progress', 'NonFiniteLossError', 'check_finite', 'step_batch', 'fit',
-           'fixture_dirs', 'cached_tensors', 'predict', 'accuracy']
+           'fixture_dirs', 'cached_tensors', 'predict', 'accuracy', 'count_params']
 
 # %% ../nbs/00_core.ipynb #1df7874c
 import numpy as np
@@ -425,3 +425,7 @@ def accuracy(model:nn.Module, x:Tensor, y:Tensor, batch_size:int=1000)->float:
     "Top-1 accuracy of `model` on `(x, y)` in eval mode."
     if len(x) != len(y): raise ValueError(f"accuracy: {len(x)} inputs but {len(y)} labels")
     return (predict(model, x, batch_size).argmax(-1) == y).float().mean().item()
+
+def count_params(model:nn.Module, trainable:bool=False)->int:
+    "Number of parameters of `model` (only those with `requires_grad` when `trainable`)."
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

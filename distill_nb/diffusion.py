@@ -242,6 +242,7 @@ def sample_ddim(model:nn.Module,  # ε-network
                 x:Tensor|None=None,    # initial noise (overrides shape/generator)
                 timesteps:list|None=None, # explicit decreasing timesteps (default: trailing)
                 clip:float|None=None,  # clamp x̂0 to [-clip, clip] at each step (DDIM's clip_sample); None = pure Ψ
+                clipped_eps:bool=False, # with `clip`: re-derive ε from the clipped x̂0 (diffusers' use_clipped_model_output, GLIDE)
                )->Tensor:
     "Deterministic multistep Ψ sampler (trailing DDIM, ends with the jump to clean)."
     dev = next(model.parameters()).device
@@ -255,6 +256,7 @@ def sample_ddim(model:nn.Module,  # ε-network
     for t, s in zip(ts, ts[1:] + [-1]):
         e = predict_eps(model, x, t, cond, guidance)
         if clip is None: x = psi(x, e, t, s)
+        elif clipped_eps: x = psi(x, x0_to_eps(x, eps_to_x0(x, e, t).clamp(-clip, clip), t), t, s)
         else:
             a_s = _abar(_timesteps(s, x, ac), x, ac)
             x = a_s.sqrt() * eps_to_x0(x, e, t).clamp(-clip, clip) + (1 - a_s).sqrt() * e

@@ -389,16 +389,9 @@ def digits_classifier(cfg:dict=DIGITS_CLASSIFIER)->FeatureClassifier:
     m = FeatureClassifier(in_dim=64, n_classes=10); m.load_state_dict(cached_tensors("disback-digits-classifier", cfg, make))
     return m.eval().requires_grad_(False)
 
-@torch.no_grad()
 def sample_teacher(model:nn.Module, z:Tensor, steps:int=50, clip:float|None=1.0)->Tensor:
-    "Trailing-DDIM samples of the teacher with x̂0 clipped to [-clip, clip] at every step (None: no clipping)."
-    from distill_nb.diffusion import trailing_timesteps, eps_to_x0, x0_to_eps, psi
-    x, ts = z.clone(), trailing_timesteps(steps)
-    for a, b in zip(ts, ts[1:] + [-1]):
-        e = predict_eps(model, x, a)
-        if clip is not None: e = x0_to_eps(x, eps_to_x0(x, e, a).clamp(-clip, clip), a)
-        x = psi(x, e, a, b)
-    return x
+    "Trailing-DDIM samples of the teacher from noise `z`, x̂0 clipped to [-clip, clip] with ε re-derived (None: pure Ψ)."
+    return sample_ddim(model, z.shape, steps, x=z, clip=clip, clipped_eps=True)
 
 # %% ../nbs/20_disback.ipynb #c02f0632
 def ring_eval(n:int=4000, seed:int=1234):

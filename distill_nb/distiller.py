@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, ConfigError, Checkpointer, seed_everything, cached_tensors, fit, step_batch,
-                             save_tensors, progress)
+                             save_tensors, progress, count_params)
 from .kd import kd_ce, kd_mse, hard_ce, hidden_mse, hidden_ce, cosine_loss, pkd_loss, make_projection, Projection
 from .records import Record, experiment, benchmark
 from .launch import launcher, make_accelerator
@@ -636,7 +636,7 @@ def distill_bert(pipe:DistillerPipeline,
         if crit.mi is not None: mi_est.append(crit.mi.last_estimate)
         return loss
     res = fit(step, steps)
-    return {"acc": eval_accuracy(s, *test), "losses": res["losses"], "mi_estimates": mi_est, "n_params": sum(p.numel() for p in s.parameters())}
+    return {"acc": eval_accuracy(s, *test), "losses": res["losses"], "mi_estimates": mi_est, "n_params": count_params(s)}
 
 # %% ../nbs/10_distiller.ipynb #cb26a721
 E2_ARMS = {"KD only": dict(intermediate="none"), "+MSE": dict(intermediate="mse"), "+cos": dict(intermediate="cos"),
@@ -854,7 +854,7 @@ def meta_dataset(tasks:dict|None=None, configs:Sequence[DistillerPipeline]=E4_CO
     for name in progress(names, desc="tasks"):
         x, y = tasks[name]; xa, ya, xb, yb = _split_std(x, y, seed); C = int(y.max()) + 1
         t = mlp_teacher(xa, ya, C, teacher_steps, seed); ta = _acc(t, xb, yb)
-        n_t = sum(p.numel() for p in t.parameters()); n_s = sum(p.numel() for p in MLPNet([x.shape[1], 16, 16, C]).parameters())
+        n_t = count_params(t); n_s = count_params(MLPNet([x.shape[1], 16, 16, C]))
         meta.append([math.log(len(xa)), C, x.shape[1], ta, n_s / n_t]); t_accs.append(ta)
         ratios.append([_acc(mlp_distill(p, t, xa, C, steps=steps, seed=seed), xb, yb) / ta for p in configs])
     return {"tasks": names, "meta": np.array(meta), "ratios": np.array(ratios), "teacher_acc": t_accs,

@@ -9,15 +9,15 @@ from typing import Callable, Literal, Sequence
 
 # %% auto #0
 __all__ = ['NB201_OPS', 'NB201_EDGES', 'RESNET34_STAGES', 'PROXIES', 'VANILLA_PROXIES', 'KD_PROXIES', 'DISWOT_PROXIES',
-           'S1_PAPER', 'ResBlock', 'StageNet', 'resnet_like', 'count_params', 'count_flops', 'SearchSpace', 'ResSpace',
-           's1_space', 'NB201Cell', 'NB201Space', 'resnet34', 'imagenet_space', 'from_torchvision_keys',
-           'to_torchvision_keys', 'load_resnet_weights', 'gaussian_init', 'gradcam_alpha', 'gradcam', 'model_outputs',
-           'semantic_similarity', 'relation_similarity', 'diswot_metrics', 'common_stages', 'channel_gram_loss',
-           'proxy_grad_norm', 'proxy_snip', 'proxy_nwot', 'proxy_synflow', 'build_init', 'score_archs',
-           'regularized_evolution', 'random_search', 'conv3_count', 'search_quality', 'fashion_small', 'TrainConfig',
-           'train_net', 'QuickTeacherConfig', 'quick_teacher', 'student_result', 's1_ground_truth', 'd1_vanilla_vs_kd',
+           'S1_PAPER', 'ResBlock', 'StageNet', 'resnet_like', 'count_flops', 'SearchSpace', 'ResSpace', 's1_space',
+           'NB201Cell', 'NB201Space', 'resnet34', 'imagenet_space', 'from_torchvision_keys', 'to_torchvision_keys',
+           'load_resnet_weights', 'gaussian_init', 'gradcam_alpha', 'gradcam', 'model_outputs', 'semantic_similarity',
+           'relation_similarity', 'diswot_metrics', 'common_stages', 'channel_gram_loss', 'proxy_grad_norm',
+           'proxy_snip', 'proxy_nwot', 'proxy_synflow', 'build_init', 'score_archs', 'regularized_evolution',
+           'random_search', 'conv3_count', 'search_quality', 'fashion_small', 'TrainConfig', 'train_net',
+           'QuickTeacherConfig', 'quick_teacher', 'student_result', 's1_ground_truth', 'd1_vanilla_vs_kd',
            'scoring_batch', 'random_teacher', 'proxy_table', 'd2_score_vs_kd', 'diswot_fitness', 'd3_evolution',
-           'search_vs_train_benchmark', 'diswot_distill_loss', 'd5_distillers', 'DiswotFullConfig', 'augment',
+           'search_vs_train_benchmark', 'diswot_distill_loss', 'd5_distillers', 'DiswotFullConfig', 'crop_flip',
            'TensorData', 'FolderData', 'full_data', 'nb201_from_dict', 'nb201_accuracies', 'nb201_lookup',
            'diswot_full']
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             cache_dir, config_hash, atomic_write_json, progress, predict, accuracy)
+                             cache_dir, config_hash, atomic_write_json, progress, predict, accuracy, count_params)
 from .kd import (sp_loss, ickd_semantic, ce_weight_grad, at_loss, rkd_loss, pkt_loss, cc_loss, nst_loss,
                            fitnet_loss, kd_kl)
 from .stats import spearman, kendall
@@ -81,10 +81,6 @@ def resnet_like(stages:Sequence[Sequence[int]],  # per stage (depth, width, kern
     return StageNet(stem_m, blocks, c, n_classes)
 
 # %% ../nbs/40_diswot.ipynb #f81c9941
-def count_params(model:nn.Module)->int:
-    "Number of parameters."
-    return sum(p.numel() for p in model.parameters())
-
 def count_flops(model:nn.Module, input_shape:Sequence[int]=(1, 14, 14))->int:
     "Multiply-accumulates of the Conv2d and Linear layers for one example of shape `input_shape` (C, H, W)."
     total = 0
@@ -1002,7 +998,7 @@ class DiswotFullConfig(Config):
 _CIFAR_MEAN, _CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-def augment(xb:Tensor, gen:torch.Generator, pad:int=4)->Tensor:
+def crop_flip(xb:Tensor, gen:torch.Generator, pad:int=4)->Tensor:
     "Random crop (zero padding `pad`) and horizontal flip, drawn from `gen` (seeded per step for exact resume)."
     n, _, h, w = xb.shape; p = F.pad(xb, (pad,) * 4)
     off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen); flip = torch.rand(n, generator=gen) < 0.5
@@ -1017,7 +1013,7 @@ class TensorData:
     def in_ch(self)->int: return self.x.shape[1]
     def batch(self, idx:Tensor, gen:torch.Generator|None=None, rank:int=0, world:int=1)->tuple[Tensor, Tensor]:
         xb = self.x[idx]
-        if gen is not None: xb = augment(xb, gen)
+        if gen is not None: xb = crop_flip(xb, gen)
         return xb[rank::world], self.y[idx][rank::world]
 
 class FolderData:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             load_tensors, progress, config_hash, accuracy)
+                             load_tensors, progress, config_hash, accuracy, count_params)
 from .data import image_domain, few_shot_split, load_mnist_cnn, DataMissingError, image_folder
 from .kd import soft_kl, hard_ce
 from .stats import spearman, paired_diff, mean_std
@@ -920,7 +920,7 @@ def similar_full(cfg:SimilarFullConfig, out:Path)->dict:
         net = acc.unwrap_model(model).net.cpu()
         if isinstance(net, TargetNet): recalibrate_bn(net, torch.cat([xl, xu[:2000]]).float() / 255)
         summary["student_test_acc"] = accuracy(net.eval(), x_te.float() / 255, y_te)
-        summary["student_params"] = sum(p.numel() for p in net.parameters())
+        summary["student_params"] = count_params(net)
         save_tensors(out/"student.safetensors", net.state_dict())
         (out/"summary.json").write_text(json.dumps(summary, indent=1))
     return summary
