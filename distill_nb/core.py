@@ -402,14 +402,15 @@ def fixture_dirs()->list[Path]:
     if (r := repo_root()) is not None: ds.append(r/"fixtures")
     return ds
 
-def cached_tensors(name:str, cfg, make:Callable[[], dict[str, Tensor]], verbose:bool=True)->dict[str, Tensor]:
-    "Tensors for (`name`, `cfg`) from the fixtures or the cache, or from `make()` (then cached)."
+def cached_tensors(name:str, cfg, make:Callable[[], dict[str, Tensor]]|None, verbose:bool=True)->dict[str, Tensor]|None:
+    "Tensors for (`name`, `cfg`) from the fixtures or the cache, or from `make()` (then cached); `make=None`: look up only (None if absent)."
     fn = f"{name}-{config_hash(cfg)}.safetensors"
     for d in [*fixture_dirs(), cache_dir("models")]:
         if (d/fn).exists():
             try: return load_tensors(d/fn)
             except CheckpointError as e:
                 if verbose: print(f"ignoring a corrupt cache file ({e}); rebuilding", file=sys.stderr)
+    if make is None: return None
     out = make()
     save_tensors(cache_dir("models")/fn, out, {"name": name, "config": cfg})
     return out

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             cache_dir, config_hash, atomic_write_json, progress, predict, accuracy, count_params)
+                             cache_dir, config_hash, atomic_write_json, progress, predict, accuracy, count_params, load_tensors)
 from .kd import (sp_loss, ickd_semantic, ce_weight_grad, at_loss, rkd_loss, pkt_loss, cc_loss, nst_loss,
                            fitnet_loss, kd_kl)
 from .stats import spearman, kendall
@@ -267,15 +267,18 @@ def to_torchvision_keys(sd:dict)->dict:
         out[k2] = v
     return out
 
-def load_resnet_weights(model:nn.Module, path:str|Path, what:str="the teacher's weights")->nn.Module:
-    "Load a `.safetensors` or `.pth` state dict (torchvision or `resnet_like` names) into `model`, safely and strictly."
+def _require_weights(path:str|Path, what:str="the teacher's weights")->Path:
+    "`path` if it is a file, else the error that says where to place the weights."
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: place a ResNet state dict (.safetensors, or a .pth of tensors only; the "
                                 f"torchvision layout conv1/bn1/layer1..4/fc is accepted) at {p}, or set teacher_weights: to its path")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(p))
+    return p
+
+def load_resnet_weights(model:nn.Module, path:str|Path, what:str="the teacher's weights")->nn.Module:
+    "Load a `.safetensors` or `.pth` state dict (torchvision or `resnet_like` names) into `model`, safely and strictly."
+    p = _require_weights(path, what)
+    if p.suffix == ".safetensors": sd = load_tensors(p)
     else:
         try: sd = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -1139,41 +1142,43 @@ def _teacher_weights(cfg:DiswotFullConfig)->Path|None:
 def _multistep_lr(lr:float, decay_epochs:Sequence[int], step:int, steps_per_epoch:int)->float:
     return lr * 0.1 ** sum(step >= e * steps_per_epoch for e in decay_epochs)
 
-class _NotCached(Exception): pass
-
-def _cached_only(name:str, cfg:dict)->dict|None:
-    def make(): raise _NotCached
-    try: return cached_tensors(name, cfg, make, verbose=False)
-    except _NotCached: return None
+def _fit_sgd(acc, model:nn.Module, opt, train, loss_fn, name:str, ck_dir:Path, *, lr:float, decay_epochs:Sequence[int],
+             batch_size:int, epochs:int, seed:int, augment:bool, keep:int, every:int, crash_env:str, crash_code:int)->dict:
+    "Resumable multistep-LR training under accelerate: each process takes its slice of the seeded global batch."
+    spe = math.ceil(len(train) / batch_size); rank, world, dev = acc.process_index, acc.num_processes, acc.device
+    crash_at = int(os.environ.get(crash_env, -1))      # test hook: the main process dies hard before this step
+    def step(i):
+        if i == crash_at and acc.is_main_process: os._exit(crash_code)
+        for gp in opt.param_groups: gp["lr"] = _multistep_lr(lr, decay_epochs, i, spe)
+        idx = step_batch(len(train), batch_size, i, seed)
+        xb, yb = train.batch(idx, torch.Generator().manual_seed(10_000_019 * seed + i) if augment else None, rank, world)
+        loss = loss_fn(xb.to(dev), yb.to(dev))
+        opt.zero_grad(); acc.backward(loss); opt.step(); return acc.reduce(loss.detach(), "mean")
+    return fit(step, epochs * spe, Checkpointer(ck_dir, keep=keep), {name: acc.unwrap_model(model)}, {"opt": opt}, every=every,
+               desc=name, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
 
 def _train_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->dict:
     "Train the teacher on every process (each its slice of the global batch), checkpointed and resumable."
     torch.manual_seed(cfg.seed); m = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg))
     opt = torch.optim.SGD(m.parameters(), cfg.teacher_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     m, opt = acc.prepare(m, opt); m.train()
-    spe = math.ceil(len(train) / cfg.teacher_batch_size); rank, world, dev = acc.process_index, acc.num_processes, acc.device
-    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_TEACHER_STEP", -1))
-    def step(i):
-        if i == crash_at and acc.is_main_process: os._exit(19)
-        for gp in opt.param_groups: gp["lr"] = _multistep_lr(cfg.teacher_lr, cfg.teacher_lr_decay_epochs, i, spe)
-        idx = step_batch(len(train), cfg.teacher_batch_size, i, cfg.seed + 1)
-        xb, yb = train.batch(idx, torch.Generator().manual_seed(10_000_019 * (cfg.seed + 1) + i) if cfg.augment else None, rank, world)
-        with acc.autocast(): loss = F.cross_entropy(m(xb.to(dev)), yb.to(dev))
-        opt.zero_grad(); acc.backward(loss); opt.step(); return acc.reduce(loss.detach(), "mean")
-    ck = Checkpointer(out/"teacher"/"checkpoints", keep=cfg.keep)
-    r = fit(step, cfg.teacher_epochs * spe, ck, {"teacher": acc.unwrap_model(m)}, {"opt": opt}, every=cfg.teacher_checkpoint_every,
-            desc="teacher", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    def loss_fn(xb, yb):
+        with acc.autocast(): return F.cross_entropy(m(xb), yb)
+    r = _fit_sgd(acc, m, opt, train, loss_fn, "teacher", out/"teacher"/"checkpoints", lr=cfg.teacher_lr,
+                 decay_epochs=cfg.teacher_lr_decay_epochs, batch_size=cfg.teacher_batch_size, epochs=cfg.teacher_epochs,
+                 seed=cfg.seed + 1, augment=cfg.augment, keep=cfg.keep, every=cfg.teacher_checkpoint_every,
+                 crash_env="DISTILL_NB_CRASH_AT_TEACHER_STEP", crash_code=19)
     if acc.is_main_process: atomic_write_json(out/"teacher"/"summary.json", {"resumed_from": r["resumed_from"], "final_loss": r["losses"][-1]})
     return {k_: v.detach().cpu().clone().contiguous() for k_, v in acc.unwrap_model(m).state_dict().items()}
 
-def _full_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->StageNet:
-    "The trained teacher: loaded from `teacher_weights`, else from the cache, else trained (resumably) and cached."
-    m = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg)); w = _teacher_weights(cfg)
+def _full_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path, w:Path|None)->StageNet:
+    "The trained teacher: loaded from the weights file `w`, else from the cache, else trained (resumably) and cached."
+    m = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg))
     if w is not None: return load_resnet_weights(m, w, f"the {cfg.dataset} teacher's weights")
     t_cfg = {f: getattr(cfg, f) for f in ("dataset", "n_synthetic", "synthetic_size", "synthetic_classes", "teacher_stages",
                                           "teacher_epochs", "teacher_lr", "teacher_lr_decay_epochs", "teacher_batch_size", "momentum",
                                           "weight_decay", "augment", "seed")}
-    sd = _cached_only("diswot-full-teacher", t_cfg)
+    sd = cached_tensors("diswot-full-teacher", t_cfg, None, verbose=False)
     if sd is None:
         sd = _train_teacher(cfg, train, k, acc, out)
         if acc.is_main_process: cached_tensors("diswot-full-teacher", t_cfg, lambda: sd)
@@ -1194,14 +1199,13 @@ def _evaluate(model:nn.Module, data, bs:int, dev)->float:
 def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
     "Teacher (loaded, cached or trained resumably), DisWOT-guided R-EA (resumable), then resumable KD of the winner under accelerate."
     out = Path(out); acc = make_accelerator(cfg.mixed_precision)
-    if cfg.space == "nb201": nb201_accuracies(cfg.nb201_file, cfg.nb201_dataset)   # fail early: placement or conversion message
+    nb201 = nb201_accuracies(cfg.nb201_file, cfg.nb201_dataset) if cfg.space == "nb201" else None   # read once; fails early
     if (cfg.space == "imagenet") != (cfg.dataset == "imagenet"):
         raise ValueError(f"space {cfg.space!r} does not fit dataset {cfg.dataset!r}: the imagenet space goes with the imagenet data set")
-    if (w := _teacher_weights(cfg)) is not None and not w.is_file():
-        load_resnet_weights(nn.Identity(), w, f"the {cfg.dataset} teacher's weights")        # the "place ... at ..." error, before any work
+    if (w := _teacher_weights(cfg)) is not None: _require_weights(w, f"the {cfg.dataset} teacher's weights")   # before any work
     train, test, k = full_data(cfg); space = _full_space(cfg, train.in_ch, k); _check_widths(cfg, space)
     dev = acc.device
-    teacher = _full_teacher(cfg, train, k, acc, out).eval().requires_grad_(False).to(dev)   # frozen: never DDP-wrapped
+    teacher = _full_teacher(cfg, train, k, acc, out, w).eval().requires_grad_(False).to(dev)   # frozen: never DDP-wrapped
     # --- training-free search (main process first; the others then read its finished state) ---
     crash_eval = int(os.environ.get("DISTILL_NB_CRASH_AT_EVAL", -1))
     def on_eval(n):
@@ -1227,32 +1231,22 @@ def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
                                        state_path=out/"search_state.json", checkpoint_every=cfg.search_checkpoint_every,
                                        on_eval=on_eval)
     best = search["best"]
-    bench = nb201_lookup(cfg.nb201_file, best, cfg.nb201_dataset) if cfg.space == "nb201" else None
+    bench = nb201.get(best) if nb201 is not None else None
     # --- KD of the winner ---
     torch.manual_seed(cfg.seed); student = space.build(best)
     opt = torch.optim.SGD(student.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     student, opt = acc.prepare(student, opt)
-    spe = math.ceil(len(train) / cfg.batch_size); steps = cfg.epochs * spe
-    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))
-    rank, world = acc.process_index, acc.num_processes
-    def step(i):
-        if i == crash_at and acc.is_main_process: os._exit(17)
-        for gp in opt.param_groups: gp["lr"] = _multistep_lr(cfg.lr, cfg.lr_decay_epochs, i, spe)
-        idx = step_batch(len(train), cfg.batch_size, i, cfg.seed)
-        xb, yb = train.batch(idx, torch.Generator().manual_seed(10_000_019 * cfg.seed + i) if cfg.augment else None, rank, world)
-        xb, yb = xb.to(dev), yb.to(dev)
-        with torch.no_grad(): tb = teacher(xb)
+    def kd_loss(xb, yb):
+        with torch.no_grad(): tb = teacher(xb)          # the teacher's forward stays outside autocast
         with acc.autocast():
-            z = student(xb); loss = cfg.gamma * F.cross_entropy(z, yb) + cfg.alpha * kd_kl(z, tb, cfg.T)
-        opt.zero_grad(); acc.backward(loss); opt.step()
-        return acc.reduce(loss.detach(), "mean")
-    ck = Checkpointer(out/"checkpoints", keep=cfg.keep)
-    res = fit(step, steps, ck, {"student": acc.unwrap_model(student)}, {"opt": opt}, every=cfg.checkpoint_every,
-              desc="student", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+            z = student(xb); return cfg.gamma * F.cross_entropy(z, yb) + cfg.alpha * kd_kl(z, tb, cfg.T)
+    res = _fit_sgd(acc, student, opt, train, kd_loss, "student", out/"checkpoints", lr=cfg.lr, decay_epochs=cfg.lr_decay_epochs,
+                   batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, augment=cfg.augment, keep=cfg.keep,
+                   every=cfg.checkpoint_every, crash_env="DISTILL_NB_CRASH_AT_STEP", crash_code=17)
     acc.wait_for_everyone()
     summary = {"best_arch": best, "best_score": search["fitness"], "search_evaluations": search["n_evals"],
                "search_resumed_from": search["resumed_from"], "benchmark_accuracy": bench,
-               "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": world}
+               "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": acc.num_processes}
     if acc.is_main_process:
         s = acc.unwrap_model(student)
         summary["test_acc"], summary["teacher_test_acc"] = _evaluate(s, test, cfg.eval_batch, dev), _evaluate(teacher, test, cfg.eval_batch, dev)

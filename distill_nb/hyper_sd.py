@@ -736,12 +736,17 @@ class FeedbackConfig(Config):
     lam_percep: float = 1.0
     seed: int = 0
 
-def refl_x0(model:nn.Module, z:Tensor, y:Tensor, g:torch.Generator, steps:int=4, t_max:int=799)->Tensor:
-    "ReFL: Ψ-sample without gradient down to a random step of the `steps` grid, then predict x̂0 there with gradient."
-    ts = start_timesteps(steps, t_max); j = int(torch.randint(0, steps, (), generator=g)); x = z
+def refl_x0(eps_fn,                 # (x_t, t) -> ε̂, e.g. lambda x, t: predict_eps(model, x, t, y)
+            z:Tensor,                # the starting noise at ts[0]
+            g:torch.Generator,       # draws the stop step
+            ts:list[int],            # the sampling grid, decreasing
+            ac:Tensor|None=None,     # ᾱ table (default: the project schedule)
+           )->Tensor:
+    "ReFL: Ψ-sample without gradient down to a random step j of the grid `ts`, then predict x̂0 at ts[j] with gradient."
+    j = int(torch.randint(0, len(ts), (), generator=g)); x = z
     with torch.no_grad():
-        for a, b in zip(ts[:j], ts[1:j + 1]): x = psi(x, predict_eps(model, x, a, y), a, b)
-    return eps_to_x0(x, predict_eps(model, x, ts[j], y), ts[j])
+        for a, b in zip(ts[:j], ts[1:j + 1]): x = psi(x, eps_fn(x, a), a, b, ac)
+    return eps_to_x0(x, eps_fn(x, ts[j]), ts[j], ac)
 
 def train_feedback_lora(model:CondEpsMLP, alpha_d:float, cfg:FeedbackConfig=FeedbackConfig(), base:str="tscd")->dict:
     "Add and train the 'feedback' adapter on top of the frozen `base` adapter (Eq. 13 + 14); returns the losses."
@@ -751,7 +756,7 @@ def train_feedback_lora(model:CondEpsMLP, alpha_d:float, cfg:FeedbackConfig=Feed
     def step(i):
         g = step_generator(cfg.seed + 77, i); B = cfg.batch_size
         y = torch.randint(0, 10, (B,), generator=g); z = torch.randn(B, 1, 8, 8, generator=g)
-        l_aes = F.relu(alpha_d - class_reward(rc, refl_x0(model, z, y, g, t_max=cfg.t_max), y)).mean()
+        l_aes = F.relu(alpha_d - class_reward(rc, refl_x0(lambda x, t: predict_eps(model, x, t, y), z, g, start_timesteps(4, cfg.t_max)), y)).mean()
         idx = torch.randint(0, len(x), (B,), generator=g); x0, yr = x[idx], yl[idx]
         xt = add_noise(x0, torch.randn(x0.shape, generator=g), cfg.t_a)
         x0p = eps_to_x0(xt, predict_eps(model, xt, cfg.t_a, yr), cfg.t_a)
@@ -1280,8 +1285,9 @@ def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
     if D_it: unet.add_adapter(LoraConfig(r=R, lora_alpha=R, target_modules=_LORA_TARGETS), "merged")
     unet.to(dev)
     pd = dict(unet.named_parameters()); of = lambda a: [p for n, p in pd.items() if f".{a}." in n]
+    ema_pairs = list(zip(of("default"), of("ema")))
     with torch.no_grad():
-        for p, e in zip(of("default"), of("ema")): e.copy_(p)
+        for p, e in ema_pairs: e.copy_(p)
     def use(names, trainable):           # activate adapters `names`, train only `trainable`
         unet.set_adapters(names, [1.0, cfg.feedback_weight][:len(names)] if len(names) > 1 else None) if isinstance(names, list) else unet.set_adapter(names)
         train_only(unet, trainable)
@@ -1303,12 +1309,17 @@ def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
     def eps_of(model, x, t, c): return model(x, t, **c).sample.float()
     def tvec(t, B): return torch.as_tensor(t, device=dev).long().expand(B)
     def decode(lat): return vae.decode((lat / sf).to(wdt)).sample.float()
+    all_caps = caps if cfg.data_root == "synthetic" else ds.captions
+    def rows(i): return step_batch(n_data, cfg.batch_size, i, cfg.seed)[rank::world].tolist()
+    def captions(i): return [all_caps[j] for j in rows(i)]          # without decoding the images
     def batch(i):
-        idx = step_batch(n_data, cfg.batch_size, i, cfg.seed)[rank::world].tolist()
+        idx = rows(i)
         if cfg.data_root == "synthetic": return torch.stack([imgs[j] for j in idx]), [caps[j] for j in idx]
         b = [ds[j] for j in idx]; return torch.stack([im for im, _ in b]), [c for _, c in b]
+    uncond = {}                                                     # the empty prompt's encoding, once per batch size
     def conds(cp):
-        return encode_prompts(parts, cp, cfg.arch, cfg.resolution, dev), encode_prompts(parts, [""] * len(cp), cfg.arch, cfg.resolution, dev)
+        if len(cp) not in uncond: uncond[len(cp)] = encode_prompts(parts, [""] * len(cp), cfg.arch, cfg.resolution, dev)
+        return encode_prompts(parts, cp, cfg.arch, cfg.resolution, dev), uncond[len(cp)]
     def teacher_eps(x, t, cond, unc, w):
         unet.disable_adapters()
         try: e_u, e_c = eps_of(unet, torch.cat([x, x]), torch.cat([t, t]), _cat_cond(unc, cond)).chunk(2)
@@ -1346,19 +1357,17 @@ def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
             dl = hinge_d_loss(disc(f_real), disc(f_fake))
             opts["d_opt"].zero_grad(); dl.backward(); opts["d_opt"].step()
         with torch.no_grad():
-            for p, e in zip(of("default"), of("ema")): e.mul_(cfg.ema_mu).add_(p.detach(), alpha=1 - cfg.ema_mu)
+            for p, e in ema_pairs: e.mul_(cfg.ema_mu).add_(p.detach(), alpha=1 - cfg.ema_mu)
         if i == int(np.cumsum(stages.iters)[si]) - 1: save_stage("default", f"k{k}", [k])
         return loss
 
     def feedback_terms(B, cond, g, x_real=None):
         "Eq. (13) on ReFL samples (+ Eq. (14) on noised real images when `x_real` is given)."
         z = torch.randn(B, lat_c, lat_hw, lat_hw, generator=g).to(dev)
-        ts = trailing_timesteps(cfg.refl_steps, T); j = int(torch.randint(0, cfg.refl_steps, (), generator=g)); x = z
-        with torch.no_grad(), acc.autocast():
-            for a, b in zip(ts[:j], ts[1:j + 1]): x = psi(x, eps_of(unet, x, tvec(a, B), cond), a, b, ac)
-        with acc.autocast():
-            x0 = eps_to_x0(x, eps_of(unet, x, tvec(ts[j], B), cond), ts[j], ac)
-            l_aes = F.relu(cfg.alpha_d - reward(decode(x0))).mean()
+        def eps_fn(x, t):
+            with acc.autocast(): return eps_of(unet, x, tvec(t, B), cond)
+        x0 = refl_x0(eps_fn, z, g, trailing_timesteps(cfg.refl_steps, T), ac)
+        with acc.autocast(): l_aes = F.relu(cfg.alpha_d - reward(decode(x0))).mean()
         l_p = torch.zeros((), device=dev)
         if x_real is not None and seg is not None:
             with torch.no_grad():
@@ -1371,7 +1380,7 @@ def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
         return l_aes, l_p
 
     def feedback_step(i, g):
-        x, cp = batch(i); B = len(cp); use(["default", "feedback"], "feedback")
+        x, cp = batch(i) if seg is not None else (None, captions(i)); B = len(cp); use(["default", "feedback"], "feedback")
         with torch.no_grad(): cond, _ = conds(cp)
         l_aes, l_p = feedback_terms(B, cond, g, x)
         loss = l_aes + cfg.lam_percep * l_p
@@ -1380,7 +1389,7 @@ def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
         return loss
 
     def dmd_step(i, g, first):
-        _, cp = batch(i); B = len(cp)
+        cp = captions(i); B = len(cp)
         if i == first:                    # enter the phase: the exact merge of TSCD + feedback LoRAs
             merge_adapters(unet, ["default", "feedback"] if F_it else ["default"], [1.0, cfg.feedback_weight] if F_it else [1.0], "merged")
             save_stage("merged", "merged", list(STEPS))
