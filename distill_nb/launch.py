@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['LAUNCHERS', 'LaunchSpec', 'launcher', 'apply_overrides', 'make_accelerator', 'parse_args', 'LaunchError', 'run',
-           'main', 'launch_command', 'run_launch']
+__all__ = ['LAUNCHERS', 'LaunchSpec', 'launcher', 'apply_overrides', 'make_accelerator', 'parse_args', 'close_distributed',
+           'LaunchError', 'run', 'main', 'launch_command', 'run_launch']
 
 # %% ../nbs/07_launch.ipynb #5723add1
 import torch
@@ -65,6 +65,11 @@ def parse_args(argv:list[str]|None=None):
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out (they are kept)")
     return p.parse_args(argv)
 
+def close_distributed():
+    "Barrier, then destroy the process group (if any): gloo processes that exit without this can die with SIGABRT."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): dist.barrier(); dist.destroy_process_group()
+
 class LaunchError(RuntimeError):
     "A launch that cannot start: unknown paper, missing config file, no launcher."
 
@@ -85,7 +90,9 @@ def run(argv:list[str]|None=None)->dict:
     out = a.out or Path("runs")/a.paper/a.config.stem
     if a.no_resume and out.exists():
         import time; out = out.with_name(out.name + time.strftime("-%Y%m%d-%H%M%S"))
-    return spec.fn(cfg, out)
+    result = spec.fn(cfg, out)
+    close_distributed()      # only after success: tearing down while another rank is mid-collective would hang it
+    return result
 
 def main(argv:list[str]|None=None):
     "Entry point of `python -m distill_nb.launch`: `run`, with the expected errors shown as one clear line."
