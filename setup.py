@@ -13,7 +13,7 @@ setuptools.setup(
     author=c["author"], author_email=c["author_email"], license="Apache-2.0", url=c["git_url"],
     long_description=open("README.md", encoding="utf-8").read(), long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=[lib, lib + ".*"]),
-    package_data={lib: ["fixtures/*", "configs/*/*.yaml"]}, include_package_data=True,
+    package_data={lib: ["fixtures/*", "configs/*/*.yaml", "manifest.json"]}, include_package_data=True,
     install_requires=req("requirements"),
     extras_require={"dev": req("dev_requirements"), "full": req("full_requirements")},
     entry_points={"nbdev": [f"{c['lib_name']}={lib}._modidx:d"],

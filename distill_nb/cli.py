@@ -7,82 +7,113 @@ import argparse, json, os, subprocess, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['UsageError', 'resolve_targets', 'listing', 'cmd_reproduce', 'cmd_results', 'cmd_bench', 'cmd_list', 'cmd_data',
-           'cmd_readme', 'make_parser', 'main']
+__all__ = ['UsageError', 'manifest_path', 'build_manifest', 'read_manifest', 'resolve_targets', 'listing', 'cmd_reproduce',
+           'cmd_results', 'cmd_bench', 'cmd_list', 'cmd_plan', 'cmd_data', 'cmd_outputs', 'cmd_readme', 'make_parser',
+           'main']
 
 # %% ../nbs/06_cli.ipynb #b084e798
-from .records import (PAPERS, PaperNotAvailable, load_paper, available_papers, get_experiments,
-                                get_benchmarks, run_experiment, render_results, results_dir, records_table, load_records)
+import importlib.util
 
-# %% ../nbs/06_cli.ipynb #b1c546e2
+# %% ../nbs/06_cli.ipynb #b1c546e0
 class UsageError(ValueError):
-    "A command-line name that does not exist (the message lists the valid ones)."
+    "A command-line input that cannot work (the message says what and how to fix it)."
 
+def manifest_path()->Path:
+    "`manifest.json` beside the installed package."
+    return Path(importlib.util.find_spec("distill_nb").origin).parent/"manifest.json"
+
+def build_manifest()->dict:
+    "Papers with their citations, experiments, benchmarks and launchers, from the live registry (imports every paper)."
+    from distill_nb.records import PAPERS, available_papers, get_experiments, get_benchmarks
+    from distill_nb.launch import LAUNCHERS
+    avail = set(available_papers())
+    return {p: {"citation": cite, "available": p in avail,
+                "experiments": [[s.name, s.desc] for s in get_experiments(p)] if p in avail else [],
+                "benchmarks": [[s.name, s.desc] for s in get_benchmarks(p)] if p in avail else [],
+                "launcher": p in LAUNCHERS} for p, (mod, cite) in PAPERS.items()}
+
+def read_manifest()->dict:
+    "The committed manifest (fast: no torch, no paper imported); rebuilt from the registry if it is missing."
+    p = manifest_path()
+    return json.loads(p.read_text()) if p.exists() else build_manifest()
+
+# %% ../nbs/06_cli.ipynb #b1c546e9
 def resolve_targets(targets:list[str], kind:str="experiments")->list:
-    "ExperimentSpecs (or benchmarks) for `paper` / `paper:name` targets; all available papers when empty."
+    "ExperimentSpecs (or benchmarks) for `paper` / `paper:name` targets; all available papers when empty. Names are checked first."
+    man = read_manifest(); key = "experiments" if kind == "experiments" else "benchmarks"
+    for t in targets:
+        paper, _, name = t.partition(":")
+        if paper not in man: raise UsageError(f"unknown paper {paper!r}; valid papers: {', '.join(man)}")
+        if not man[paper]["available"]: raise UsageError(f"paper {paper!r} is not implemented in this version; available papers: {', '.join(p for p in man if man[p]['available'])}")
+        if name and name not in [n for n, _ in man[paper][key]]:
+            valid = ", ".join(f"{paper}:{n}" for n, _ in man[paper][key]) or "none"
+            raise UsageError(f"unknown {kind[:-1]} {t!r}; valid {kind} of {paper}: {valid}")
+    from distill_nb.records import get_experiments, get_benchmarks
     get = get_experiments if kind == "experiments" else get_benchmarks
     if not targets: return get()
     out = []
     for t in targets:
         paper, _, name = t.partition(":")
-        if paper not in PAPERS: raise UsageError(f"unknown paper {paper!r}; valid papers: {', '.join(PAPERS)}")
-        try: specs = get(paper)
-        except PaperNotAvailable as e: raise UsageError(f"{e}; available papers: {', '.join(available_papers())}") from None
-        if name:
-            specs = [s for s in specs if s.name == name]
-            if not specs:
-                valid = ", ".join(f"{paper}:{s.name}" for s in get(paper)) or "none"
-                raise UsageError(f"unknown {kind[:-1]} {t!r}; valid {kind} of {paper}: {valid}")
-        out += specs
+        out += [s for s in get(paper) if not name or s.name == name]
     return out
 
 # %% ../nbs/06_cli.ipynb #468d4548
-def listing()->str:
-    "Papers with their experiments, benchmarks and launchers, as text."
-    from distill_nb.launch import LAUNCHERS
-    lines = []
-    for p, (mod, cite) in PAPERS.items():
-        try: load_paper(p)
-        except PaperNotAvailable:
-            lines.append(f"  {p:10s} {cite}\n             (not implemented in this version yet)"); continue
-        lines.append(f"  {p:10s} {cite}")
-        for s in get_experiments(p): lines.append(f"             experiment {p}:{s.name}: {s.desc}")
-        for s in get_benchmarks(p): lines.append(f"             benchmark  {p}:{s.name}: {s.desc}")
-        if p in LAUNCHERS: lines.append(f"             full scale: accelerate launch -m distill_nb.launch {p} --config configs/{p}/<name>.yaml")
+def listing(man:dict|None=None)->str:
+    "Papers with their experiments, benchmarks and launchers, as text (from the manifest)."
+    man = man or read_manifest(); lines = []
+    for p, e in man.items():
+        lines.append(f"  {p:10s} {e['citation']}")
+        if not e["available"]: lines.append("             (not implemented in this version yet)"); continue
+        for n, d in e["experiments"]: lines.append(f"             experiment {p}:{n}: {d}")
+        for n, d in e["benchmarks"]: lines.append(f"             benchmark  {p}:{n}: {d}")
+        if e["launcher"]: lines.append(f"             full scale: accelerate launch -m distill_nb.launch {p} --config configs/{p}/<name>.yaml")
     return "papers:\n" + "\n".join(lines)
 
 # %% ../nbs/06_cli.ipynb #49e3309d
 def cmd_reproduce(a)->int:
     "Run experiments at quick scale (records under results/), or launch the full-scale configs."
+    if a.jobs is not None and a.jobs < 1: raise UsageError(f"-j must be >= 1, got {a.jobs}; use -j 1 to run serially")
     if a.scale == "full": return _reproduce_full(a)
     specs = resolve_targets(a.targets)
     if a.ci: specs = [s for s in specs if s.ci]
+    if a.seeds is not None:
+        few = [f"{s.paper}:{s.name} (needs {s.min_seeds})" for s in specs if len(set(a.seeds)) < s.min_seeds]
+        if few: raise UsageError(f"--seeds {' '.join(map(str, a.seeds))} is too few for {', '.join(few)}; pass more distinct seeds")
+    if a.results is not None: _check_writable(Path(a.results))
+    os.environ["DISTILL_NB_JOBS"] = str(a.jobs or os.cpu_count() or 1)
+    from distill_nb.records import run_experiment
     kw = {"seeds": a.seeds} if a.seeds else {}
     failed = []
     for s in specs:
         print(f"== {s.paper}:{s.name} — {s.desc}", flush=True)
         try:
-            r = run_experiment(s, "quick", a.results, **kw)
+            r = run_experiment(s, "quick", a.results, cold=a.cold, **kw)
             print(f"   {r.verdict}: {r.summary} ({r.wall_time_s:.0f} s)", flush=True)
         except Exception as e:
-            if a.fail_fast: raise
+            if a.fail_fast or a.debug: raise
             failed.append(s); print(f"   FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     if failed: print(f"{len(failed)} experiment(s) failed: {', '.join(f'{s.paper}:{s.name}' for s in failed)}", file=sys.stderr)
     return 1 if failed else 0
 
+def _check_writable(d:Path):
+    try:
+        d.mkdir(parents=True, exist_ok=True); probe = d/f".write-probe-{os.getpid()}"; probe.write_bytes(b""); probe.unlink()
+    except OSError as e: raise UsageError(f"cannot write to {d} ({e.strerror}); choose a writable --results directory") from None
+
+# %% ../nbs/06_cli.ipynb #c9e3309d
 def _reproduce_full(a)->int:
-    from distill_nb.launch import LAUNCHERS
-    import torch
-    papers = list(dict.fromkeys(t.partition(":")[0] for t in a.targets)) or available_papers()
+    man = read_manifest(); resolve_targets([t.partition(":")[0] for t in a.targets])   # names first
+    papers = list(dict.fromkeys(t.partition(":")[0] for t in a.targets)) or [p for p in man if man[p]["available"]]
     root = Path(a.configs)
-    if not torch.cuda.is_available() and not a.allow_cpu:
-        raise UsageError("--scale full runs the papers' own settings and needs GPUs; pass --allow-cpu to run anyway "
-                         "(the tiny configs are the CPU smoke tests)")
+    if not a.allow_cpu:
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError("--scale full runs the papers' own settings and needs GPUs; pass --allow-cpu to run anyway "
+                             "(the tiny configs are the CPU smoke tests)")
     rc = 0
     for p in papers:
-        load_paper(p)
-        if p not in LAUNCHERS: print(f"== {p}: no full-scale launcher in this version"); continue
-        cfgs = sorted(c for c in (root/p).glob("*.yaml") if c.stem != "tiny")
+        if not man[p]["launcher"]: print(f"== {p}: no full-scale launcher in this version"); continue
+        cfgs = sorted(c for c in (root/p).glob("*.yaml") if c.stem not in ("tiny", "protocol"))
         if not cfgs: print(f"== {p}: no configs under {root/p}"); continue
         for c in cfgs:
             cmd = ["accelerate", "launch", "-m", "distill_nb.launch", p, "--config", str(c)]
@@ -92,8 +123,9 @@ def _reproduce_full(a)->int:
 
 def cmd_results(a)->int:
     "Render results/README.md from the records and print the summary table."
-    root = Path(a.results or results_dir()); md = render_results(root)
-    (root).mkdir(parents=True, exist_ok=True); (root/"README.md").write_text(md)
+    from distill_nb.records import render_results, results_dir, records_table, load_records
+    root = Path(a.results or results_dir()); _check_writable(root); md = render_results(root)
+    (root/"README.md").write_text(md)
     recs = load_records(root=root)
     print(records_table(recs) if recs else "no records yet: run `distill_nb reproduce`"); print(f"\nwrote {root/'README.md'}")
     return 0
@@ -105,15 +137,43 @@ def cmd_bench(a)->int:
         out = s.fn(); print("   " + json.dumps(out), flush=True)
     return 0
 
-def cmd_list(a)->int: print(listing()); return 0
+def cmd_list(a)->int:
+    "Print the listing; `--write-manifest` rebuilds manifest.json from the registry (after adding an experiment)."
+    if a.write_manifest:
+        man = build_manifest(); manifest_path().write_text(json.dumps(man, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {manifest_path()}"); return 0
+    print(listing()); return 0
+
+def cmd_plan(a)->int:
+    "Per phase of a paper's launcher: parameters, gradients, optimizer states, measured activations, the per-device peak and the knob that makes it fit."
+    from distill_nb.plan import plan, plan_table
+    if not a.config.exists(): raise UsageError(f"config file {a.config} does not exist; the shipped ones are under configs/{a.paper}/")
+    rows = plan(a.paper, a.config, a.gpus, a.gpu_mem, a.fsdp, a.accum, measure=not a.no_measure, cache=not a.no_cache)
+    print(f"{a.paper} {a.config}: {a.gpus} GPU(s) of {a.gpu_mem:g} GiB" + (", FSDP" if a.fsdp else "") + "\n")
+    print(plan_table(rows, a.gpu_mem)); return 0
 
 def cmd_data(a)->int:
-    "Report which offline data sets and weights are installed, and how to install the missing ones."
+    "Report which offline data sets and weights are installed, and how to install the missing ones (exit 1 if any is missing)."
     from distill_nb import data
-    if hasattr(data, "describe_data"): data.describe_data(); return 0
-    print("distill_nb.data has no describe_data in this version"); return 1
+    rows = data.describe_data()
+    missing = [r["name"] for r in rows if not r["ok"]]
+    if missing: print(f"{len(missing)} missing: {', '.join(missing)}; install them as shown above (or `make data`)", file=sys.stderr)
+    return 1 if missing else 0
 
 # %% ../nbs/06_cli.ipynb #ab2118c4
+def cmd_outputs(a)->int:
+    "Execute notebooks as nbdev_test does (records shown, never re-run) and store their outputs (source checkouts only)."
+    from distill_nb.core import repo_root
+    from distill_nb.records import fill_outputs
+    root = repo_root()
+    if root is None: raise UsageError("`distill_nb outputs` works in a source checkout (pip install -e .)")
+    nbs = [Path(n) for n in a.notebooks] or sorted(p for p in (root/"nbs").glob("*.ipynb") if p.name != "index.ipynb")
+    missing = [str(n) for n in nbs if not n.exists()]
+    if missing: raise UsageError(f"no such notebook: {', '.join(missing)}; give paths like nbs/08_hinton.ipynb")
+    for n in nbs:
+        t0 = time.time(); k = fill_outputs(n); print(f"{n.name}: {k} outputs ({time.time() - t0:.0f} s)", flush=True)
+    return 0
+
 def cmd_readme(a)->int:
     "Execute nbs/index.ipynb, clean it, and render README.md from it (source checkouts only)."
     from distill_nb.core import repo_root
@@ -122,8 +182,8 @@ def cmd_readme(a)->int:
     if root is None: raise UsageError("`distill_nb readme` works in a source checkout (pip install -e .)")
     nb = root/"nbs"/"index.ipynb"
     if not a.check:
-        subprocess.check_call([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace", str(nb)], cwd=root/"nbs")
-        subprocess.check_call(["nbdev_clean", "--fname", str(nb)], cwd=root)
+        from distill_nb.records import fill_outputs
+        fill_outputs(nb)                  # executed as nbdev_test does, stderr dropped, cleaned
     md = notebook_markdown(nb); readme = root/"README.md"
     if a.check:
         if not readme.exists() or readme.read_text() != md:
@@ -142,6 +202,8 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     r.add_argument("targets", nargs="*", help="papers or paper:experiment (default: all)")
     r.add_argument("--scale", choices=["quick", "full"], default="quick", help="quick: CPU, minutes; full: the paper's setting (GPU)")
     r.add_argument("--seeds", type=int, nargs="+", help="override the experiments' seeds")
+    r.add_argument("-j", "--jobs", type=int, default=None, help="parallel processes for seeds and arms (default: the number of cores); records are identical for any -j")
+    r.add_argument("--cold", action="store_true", help="run from nothing (empty cache, committed fixtures bypassed) and record the cold time")
     r.add_argument("--results", type=Path, default=None, help="records directory (default: results/)")
     r.add_argument("--ci", action="store_true", help="only the experiments marked as part of the CI subset")
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failing experiment")
@@ -153,18 +215,41 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     s.add_argument("--results", type=Path, default=None); s.set_defaults(fn=cmd_results)
     b = sub.add_parser("bench", help="speed/memory benchmarks (ratios measured in one run)", description=cmd_bench.__doc__)
     b.add_argument("targets", nargs="*", help="papers or paper:benchmark (default: all)"); b.set_defaults(fn=cmd_bench)
-    sub.add_parser("list", help="papers, experiments, benchmarks and launchers").set_defaults(fn=cmd_list)
+    l = sub.add_parser("list", help="papers, experiments, benchmarks and launchers", description=cmd_list.__doc__)
+    l.add_argument("--write-manifest", action="store_true", help="rebuild manifest.json from the registry"); l.set_defaults(fn=cmd_list)
+    pl = sub.add_parser("plan", help="memory plan of a full config, per phase (fits the GPU?)", description=cmd_plan.__doc__)
+    pl.add_argument("paper"); pl.add_argument("--config", type=Path, required=True, help="configs/<paper>/<name>.yaml")
+    pl.add_argument("--gpus", type=int, default=8, help="processes, one GPU each (default 8)")
+    pl.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
+    pl.add_argument("--fsdp", action="store_true", help="shard trained weights, gradients and optimizer states over the GPUs")
+    pl.add_argument("--accum", type=int, default=None, help="gradient accumulation steps (default: the config's, else 1)")
+    pl.add_argument("--no-measure", action="store_true", help="skip the activation measurement (parameters and states only)")
+    pl.add_argument("--no-cache", action="store_true", help="measure again instead of reading the cached activations")
+    pl.set_defaults(fn=cmd_plan)
     sub.add_parser("data", help="which offline data and weights are installed").set_defaults(fn=cmd_data)
+    o = sub.add_parser("outputs", help="store the notebooks' outputs (tables, figures) in the files", description=cmd_outputs.__doc__)
+    o.add_argument("notebooks", nargs="*", help="notebook paths (default: every notebook but index)"); o.set_defaults(fn=cmd_outputs)
     m = sub.add_parser("readme", help="render README.md from nbs/index.ipynb (source checkout)", description=cmd_readme.__doc__)
     m.add_argument("--check", action="store_true", help="only check that README.md is up to date"); m.set_defaults(fn=cmd_readme)
     return p
 
+def _user_error(e:Exception)->bool:
+    "Errors that are the user's to fix (shown as one line), as opposed to bugs (shown with a traceback)."
+    if isinstance(e, (UsageError, FileNotFoundError, PermissionError)): return True
+    core = sys.modules.get("distill_nb.core")
+    return core is not None and isinstance(e, (core.ConfigError, core.CheckpointError))
+
 def main(argv:list[str]|None=None)->int:
-    "Entry point of the `distill_nb` console script."
-    argv = sys.argv[1:] if argv is None else argv
+    "Entry point of the `distill_nb` console script (`--debug` anywhere: tracebacks instead of one-line errors)."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv; argv = [x for x in argv if x != "--debug"]
     wants_help = not argv or argv[0] in ("-h", "--help")
     p = make_parser(listing() if wants_help else None)
     if not argv: p.print_help(); return 0
-    a = p.parse_args(argv)
+    a = p.parse_args(argv); a.debug = debug
+    if a.cmd is None: p.print_help(); return 0
     try: return a.fn(a)
-    except UsageError as e: p.exit(2, f"distill_nb: error: {e}\n")
+    except Exception as e:
+        if debug or not _user_error(e): raise
+        p.exit(2, f"distill_nb: error: {e}\n")
+

@@ -3,21 +3,25 @@
 # %% ../nbs/00_core.ipynb #1917cb2b
 """Seeding, devices, strict configs, atomic checkpoints that resume, progress bars and the NaN guard"""
 from __future__ import annotations
-import dataclasses, difflib, hashlib, json, os, random, shutil, sys, types, typing
+import contextlib, contextvars, copy, dataclasses, difflib, hashlib, json, os, random, shutil, sys, types, typing, warnings
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Union
 
 # %% auto #0
-__all__ = ['seed_everything', 'get_device', 'home_dir', 'cache_dir', 'data_dir', 'repo_root', 'ConfigError', 'Config',
-           'config_hash', 'atomic_write_bytes', 'atomic_write_json', 'CheckpointError', 'save_tensors', 'load_tensors',
-           'tensors_metadata', 'Checkpointer', 'progress', 'NonFiniteLossError', 'check_finite', 'step_batch', 'fit',
-           'fixture_dirs', 'cached_tensors', 'predict', 'accuracy', 'count_params']
+__all__ = ['seed_everything', 'get_device', 'home_dir', 'cache_dir', 'data_dir', 'repo_root', 'ConfigError', 'Domain', 'positive',
+           'nonneg', 'in_range', 'one_of', 'writable_dir', 'read_yaml', 'Config', 'config_hash', 'atomic_write_bytes',
+           'atomic_write_json', 'CheckpointError', 'save_tensors', 'load_tensors', 'tensors_metadata',
+           'NotWritableError', 'check_writable', 'Checkpointer', 'run_config', 'config_changes', 'check_resume',
+           'progress', 'NonFiniteLossError', 'check_finite', 'step_batch', 'fit', 'fixture_dirs', 'rng_preserved',
+           'cached_tensors', 'predict', 'accuracy', 'count_params']
 
 # %% ../nbs/00_core.ipynb #1df7874c
 import numpy as np
 import torch
 from torch import nn, Tensor
 from safetensors.torch import save as _st_save, load as _st_load
+try: import fcntl
+except ImportError: fcntl = None   # Windows: no cross-process lock
 
 # %% ../nbs/00_core.ipynb #89c31bd5
 def seed_everything(seed:int, # the seed for python, numpy and torch (all devices)
@@ -67,88 +71,186 @@ class ConfigError(ValueError):
 
 def _typename(tp)->str: return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
+def _key(where:str)->str:
+    "The key part of a location such as `Cfg (file.yaml).opt.lr` -> `opt.lr`."
+    return where.split(").", 1)[1] if ")." in where else where.split(".", 1)[-1]
+
+def _bad(where:str, value, expected:str)->ConfigError:
+    return ConfigError(f"{where}: expected {expected}, got {value!r}; set {_key(where)} to {expected}")
+
+# %% ../nbs/00_core.ipynb #d0a1e5b9
 def _coerce(value, tp, where:str):
     "Check `value` against the annotation `tp`, converting only where it is lossless (int -> float, list -> tuple)."
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any: return value
     if origin in (Union, types.UnionType):
-        errs = []
         for a in args:
             try: return _coerce(value, a, where)
-            except ConfigError as e: errs.append(str(e))
-        raise ConfigError(f"{where}: {value!r} does not match {_typename(tp)}")
+            except ConfigError: pass
+        raise _bad(where, value, _typename(tp))
     if tp is type(None):
         if value is None: return None
-        raise ConfigError(f"{where}: expected None, got {value!r}")
+        raise _bad(where, value, "None")
     if origin is Literal:
         if value in args: return value
-        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        raise _bad(where, value, f"one of {list(args)}")
     if isinstance(tp, type) and dataclasses.is_dataclass(tp) and issubclass(tp, Config):
         if isinstance(value, tp): return value
-        if not isinstance(value, dict): raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        if not isinstance(value, dict): raise _bad(where, value, f"a mapping for {tp.__name__}")
         return tp.from_dict(value, _where=where)
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)): raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if not isinstance(value, (list, tuple)): raise _bad(where, value, "a list")
         if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value): raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            if len(args) != len(value): raise _bad(where, value, f"a list of {len(args)} items")
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if (origin or tp) is tuple else out
     if origin is dict or tp is dict:
-        if not isinstance(value, dict): raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if not isinstance(value, dict): raise _bad(where, value, "a mapping")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool): return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise _bad(where, value, "true or false")
     if tp is int:
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool): return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise _bad(where, value, "an integer")
     if tp is float:
         if isinstance(value, (int, float, np.number)) and not isinstance(value, bool): return float(value)
         if isinstance(value, str):  # YAML reads 1e-4 as a string
             try: return float(value)
             except ValueError: pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise _bad(where, value, "a number")
     if tp is str:
         if isinstance(value, str): return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise _bad(where, value, "a string")
     if tp is Path:
         if isinstance(value, (str, Path)): return Path(value)
-        raise ConfigError(f"{where}: expected a path, got {value!r}")
+        raise _bad(where, value, "a path")
     if isinstance(tp, type) and isinstance(value, tp): return value
-    raise ConfigError(f"{where}: expected {_typename(tp)}, got {value!r}")
+    raise _bad(where, value, _typename(tp))
+
+# %% ../nbs/00_core.ipynb #d0a1e5c1
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    "The values a config field accepts beyond its type: those where `test(v)` holds, described by `desc`."
+    test: Callable[[Any], bool]  # the predicate (applied to each item of a list)
+    desc: str                    # completes "<value> is not ...", e.g. "> 0"
+    fix: str = ""                # how to fix, if "set <key> to a value <desc>" does not read well
+
+def _field(default, domain:Domain):
+    md = {"domain": domain}
+    if isinstance(default, (list, dict, set)): return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=md)
+    return dataclasses.field(default=default, metadata=md)
+
+def positive(default=dataclasses.MISSING): "A field that must be > 0."; return _field(default, Domain(lambda v: v > 0, "> 0"))
+def nonneg(default=dataclasses.MISSING): "A field that must be >= 0."; return _field(default, Domain(lambda v: v >= 0, ">= 0"))
+
+def in_range(lo, hi, default=dataclasses.MISSING):
+    "A field in the closed interval [`lo`, `hi`]."
+    return _field(default, Domain(lambda v: lo <= v <= hi, f"in [{lo}, {hi}]"))
+
+def one_of(*values, default=dataclasses.MISSING):
+    "A field that must be one of `values` (for a fixed set of strings, a `Literal` annotation does the same)."
+    return _field(default, Domain(lambda v: v in values, f"in {list(values)}"))
+
+def _may_write(p)->bool:
+    "Whether `p` is a folder we may write in, or could be created in its nearest existing ancestor."
+    p = Path(p).absolute()
+    while not p.exists() and p != p.parent: p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+def writable_dir(default=dataclasses.MISSING):
+    "An output folder: it must exist as a writable folder, or be creatable."
+    return _field(default, Domain(_may_write, "a writable folder", "choose a folder you can write to, or fix its permissions"))
+
+def _check_domain(v, d:Domain, where:str):
+    "Raise a one-line `ConfigError` when `v` (each item, for a list) is outside the domain `d`."
+    if v is None: return
+    for i, x in (enumerate(v) if isinstance(v, (list, tuple)) else [(None, v)]):
+        w = where if i is None else f"{where}[{i}]"
+        try: ok = bool(d.test(x))
+        except TypeError: ok = False
+        shown = repr(str(x)) if isinstance(x, Path) else repr(x)
+        if not ok: raise ConfigError(f"{w}: {shown} is not {d.desc}; {d.fix or f'set {_key(w)} to a value {d.desc}'}")
+
+
+# %% ../nbs/00_core.ipynb #d0a1e5c2
+_HINTS: dict = {}
+def _hints(cls)->dict:
+    "The resolved field annotations of a config class (cached)."
+    if cls not in _HINTS:
+        try: _HINTS[cls] = typing.get_type_hints(cls)
+        except Exception: _HINTS[cls] = {f.name: Any if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
+    return _HINTS[cls]
+
+def _checked(f:dataclasses.Field, v, hint, where:str):
+    "`v` coerced to the field's type and checked against its domain."
+    v = _coerce(v, hint, where)
+    if (d := f.metadata.get("domain")) is not None: _check_domain(v, d, where)
+    return v
+
+def _require_dataclass(cls):
+    "A Config subclass that forgot `@dataclass` has no fields of its own: say so instead of listing no keys."
+    if cls is Config or "__dataclass_fields__" in cls.__dict__: return
+    if cls.__dict__.get("__annotations__") or not dataclasses.fields(cls):
+        raise ConfigError(f"{cls.__name__} is not a dataclass; decorate it with @dataclasses.dataclass")
+
+def read_yaml(path:str|Path)->dict:
+    "Read a YAML config file that must hold a mapping; one-line errors name the file (and the line)."
+    import yaml
+    p = Path(path)
+    if not p.is_file(): raise ConfigError(f"config file {p} does not exist or is not a file; check the path")
+    try: d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        m = getattr(e, "problem_mark", None); at = f" at line {m.line + 1}, column {m.column + 1}" if m else ""
+        raise ConfigError(f"config file {p} is not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
+                          f"fix the syntax there") from None
+    if d is None: return {}
+    if not isinstance(d, dict):
+        kind = {"list": "list", "str": "string", "int": "number", "float": "number", "bool": "boolean"}.get(type(d).__name__, type(d).__name__)
+        raise ConfigError(f"config file {p} must be a mapping of keys to values, not a {kind}; write it as `key: value` lines")
+    return d
+
 
 # %% ../nbs/00_core.ipynb #c2cef74e
 @dataclasses.dataclass
 class Config:
-    "Base class for experiment configs: strict `from_dict`/`from_yaml`, `to_dict`, validated `replace`."
+    "Base class for experiment configs: typed, domain-checked fields on construction; strict `from_dict`/`from_yaml`."
+    resume_safe: ClassVar[tuple[str, ...]] = ()  # keys a resume may change, each only when the user allows it
+
+    def __new__(cls, *args, **kw):
+        _require_dataclass(cls); return super().__new__(cls)
+
+    def __post_init__(self):
+        "Coerce every field to its annotation and check its domain (subclasses with a `__post_init__` call this first)."
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            v = _checked(f, getattr(self, f.name), hints.get(f.name, Any), f"{type(self).__name__}.{f.name}")
+            object.__setattr__(self, f.name, v)
+
     @classmethod
     def from_dict(cls, d:dict, _where:str|None=None):
         "Build the config from a mapping, refusing unknown keys and ill-typed values."
-        where = _where or cls.__name__
-        if not isinstance(d, dict): raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        _require_dataclass(cls); where = _where or cls.__name__
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys to values, got a {type(d).__name__}; write it as `key: value` pairs")
+        hints, fields = _hints(cls), {f.name: f for f in dataclasses.fields(cls)}
         for k in d:
             if k not in fields:
                 close = difflib.get_close_matches(str(k), list(fields), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{where}: unknown key {k!r}.{hint} Valid keys: {', '.join(fields)}")
-        kw = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in d.items()}
+                hint = f"Did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"{where}: unknown key {k!r}; {hint}Valid keys: {', '.join(fields)}")
+        kw = {k: _checked(fields[k], v, hints.get(k, Any), f"{where}.{k}") for k, v in d.items()}
         missing = [n for n, f in fields.items() if n not in kw and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
-        if missing: raise ConfigError(f"{where}: missing required key(s) {missing}")
+        if missing: raise ConfigError(f"{where}: missing required key(s) {missing}; add them to the config")
         return cls(**kw)
 
     @classmethod
     def from_yaml(cls, path:str|Path):
         "Read a YAML file (a mapping) into the config."
-        import yaml
-        p = Path(path)
-        if not p.exists(): raise ConfigError(f"config file {p} does not exist")
-        d = yaml.safe_load(p.read_text()) or {}
-        return cls.from_dict(d, _where=f"{cls.__name__} ({p.name})")
+        return cls.from_dict(read_yaml(path), _where=f"{cls.__name__} ({Path(path).name})")
 
     def to_dict(self)->dict:
         "A JSON-ready dict (paths as strings, tuples as lists)."
@@ -220,6 +322,23 @@ def tensors_metadata(path:str|Path)->dict:
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f: return dict(f.metadata() or {})
 
+# %% ../nbs/00_core.ipynb #d0a1e5d2
+class NotWritableError(PermissionError):
+    "An output or checkpoint folder that cannot be created or written."
+
+def check_writable(path:str|Path, # the folder (created if missing)
+                   what:str="output folder", # how the message names it
+                  )->Path:
+    "Create `path` and prove it writable with a probe file, or raise a one-line `NotWritableError`."
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p/f".write-probe-{os.getpid()}"; probe.write_bytes(b""); probe.unlink()
+    except OSError as e:
+        raise NotWritableError(f"{what} {p} is not writable ({e.strerror or type(e).__name__}); "
+                               f"choose another folder or fix its permissions") from None
+    return p
+
 # %% ../nbs/00_core.ipynb #089b637c
 def _sha256(p:Path)->str:
     h = hashlib.sha256()
@@ -260,8 +379,8 @@ class Checkpointer:
         return sorted(ps, key=lambda p: int(p.name[len(self.prefix)+1:]))
 
     def save(self, step:int, modules:dict[str, nn.Module]={}, optimizers:dict={}, schedulers:dict={},
-             generators:dict[str, torch.Generator]={}, extra:dict|None=None, rng:bool=True)->Path:
-        "Write checkpoint `step` atomically and return its path."
+             generators:dict[str, torch.Generator]={}, extra:dict|None=None, rng:bool=True, config=None)->Path:
+        "Write checkpoint `step` atomically and return its path; `config` (a `Config` or dict) is stored in `state.json`."
         final = self.path(step); self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root/f".{final.name}.tmp-{os.getpid()}"
         if tmp.exists(): shutil.rmtree(tmp)
@@ -272,6 +391,7 @@ class Checkpointer:
         gens = {f"__gen__/{n}": g.get_state() for n, g in generators.items()}
         state = {"step": int(step), "extra": extra or {}, "optimizers": opt_j,
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()}, "modules": sorted(modules)}
+        if config is not None: state.update(_config_record(config))
         if rng:
             gens["__rng__/torch"] = torch.get_rng_state()
             if torch.cuda.is_available(): gens.update({f"__rng__/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -319,8 +439,9 @@ class Checkpointer:
             if not sd: raise CheckpointError(f"checkpoint {path} has no module {n!r}; it holds {state.get('modules')}")
             try: m.load_state_dict(sd, strict=strict)
             except RuntimeError as e:
+                why = [l.strip() for l in str(e).splitlines()]; detail = next((l for l in why[1:] if l), "")
                 raise CheckpointError(f"checkpoint {path}: module {n!r} does not match the model being resumed "
-                                      f"(changed architecture or config?): {str(e).splitlines()[0]}") from None
+                                      f"({why[0]} {detail}); resume with the original architecture, or use --no-resume / a new --out") from None
         for n, o in optimizers.items(): o.load_state_dict(_join_optim(state["optimizers"][n], opt))
         for n, s in schedulers.items(): s.load_state_dict(state["schedulers"][n])
         for n, g in generators.items(): g.set_state(opt[f"__gen__/{n}"])
@@ -334,16 +455,62 @@ class Checkpointer:
         return {"step": state["step"], "extra": state["extra"], "path": path}
 
     def resume(self, modules:dict[str, nn.Module]={}, optimizers:dict={}, schedulers:dict={},
-               generators:dict[str, torch.Generator]={}, rng:bool=True)->dict|None:
-        "Load the newest complete checkpoint, if any; returns `{'step', 'extra', 'path'}` or None."
+               generators:dict[str, torch.Generator]={}, rng:bool=True, config=None, allow_change=())->dict|None:
+        "Load the newest complete checkpoint, if any (refusing a changed `config`, see `check_resume`); `{'step', 'extra', 'path'}` or None."
         p = self.latest()
-        return None if p is None else self.load(p, modules, optimizers, schedulers, generators, rng)
+        if p is None: return None
+        if config is not None: check_resume(json.loads((p/"state.json").read_text()), config, allow_change, p)
+        return self.load(p, modules, optimizers, schedulers, generators, rng)
+
+    def check_writable(self)->Path:
+        "Create the checkpoint folder and prove it writable (`NotWritableError` otherwise); `fit` calls it before step 0."
+        return check_writable(self.root, "checkpoint folder")
+
+# %% ../nbs/00_core.ipynb #d0a1e5d5
+_RUN = contextvars.ContextVar("distill_nb_run_config", default=(None, ()))
+
+@contextlib.contextmanager
+def run_config(cfg, allow_change=()):
+    "Within the block, `fit` stores `cfg` in its checkpoints and resumes only from the same config (bar `allow_change` keys)."
+    tok = _RUN.set((cfg, tuple(allow_change)))
+    try: yield
+    finally: _RUN.reset(tok)
+
+def _config_record(cfg)->dict:
+    d = cfg.to_dict() if isinstance(cfg, Config) else json.loads(json.dumps(cfg, default=_jsonable))
+    return {"config": d, "config_class": type(cfg).__name__}
+
+def config_changes(old:dict, new:dict, prefix:str="")->dict:
+    "The dotted keys whose values differ between two config dicts, as `{key: (old, new)}`."
+    out = {}
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict): out.update(config_changes(a, b, f"{prefix}{k}."))
+        elif a != b: out[f"{prefix}{k}"] = (a, b)
+    return out
+
+def check_resume(state:dict, # a checkpoint's `state.json`
+                 cfg,        # the current config (a `Config`, or a dict: then no key is safe to change)
+                 allow_change=(), # keys the user allows to change (each must also be in `type(cfg).resume_safe`)
+                 where="the checkpoint"):
+    "Refuse to resume from a checkpoint written with another config, naming each changed key: old -> new."
+    if "config" not in state:
+        warnings.warn(f"{where} stores no config (written by an older distill_nb); resuming without checking it"); return
+    safe = tuple(getattr(type(cfg), "resume_safe", ())) if isinstance(cfg, Config) else ()
+    changed = config_changes(state["config"], _config_record(cfg)["config"])
+    bad = {k: v for k, v in changed.items() if not (k.split(".")[0] in allow_change and k.split(".")[0] in safe)}
+    if bad:
+        what = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in bad.items())
+        raise ConfigError(f"cannot resume from {where}: the config changed ({what}); resume with the original config, pass "
+                          f"--allow-change KEY for keys that are safe to change ({', '.join(safe) or 'none here'}), "
+                          f"or use --no-resume / a new --out")
 
 # %% ../nbs/00_core.ipynb #ebb87c86
 def progress(iterable=None, total:int|None=None, desc:str|None=None, **kw):
-    "A tqdm progress bar (silent when `$DISTILL_NB_PROGRESS=0`)."
+    "A tqdm progress bar: on in a terminal or notebook, off in a piped log (no debris); `$DISTILL_NB_PROGRESS` 1/0 forces it."
     from tqdm.auto import tqdm
-    disable = os.environ.get("DISTILL_NB_PROGRESS", "1") == "0"
+    env = os.environ.get("DISTILL_NB_PROGRESS")
+    disable = env == "0" or (env is None and not (sys.stderr.isatty() or "ipykernel" in sys.modules))
     return tqdm(iterable, total=total, desc=desc, disable=disable, leave=kw.pop("leave", False),
                 dynamic_ncols=True, mininterval=kw.pop("mininterval", 1.0), **kw)
 
@@ -379,41 +546,72 @@ def fit(step_fn:Callable[[int], Any], # one optimisation step; returns the loss 
         desc:str|None=None,            # progress-bar label
         is_main:bool=True,             # only the main process writes checkpoints (distributed runs)
         barrier:Callable|None=None,    # called after each checkpoint in distributed runs (e.g. accelerator.wait_for_everyone)
+        config=None,                   # stored in checkpoints, checked on resume; default: the one set by `run_config`
+        allow_change=None,             # keys that may differ on resume (default: those set by `run_config`)
        )->dict:                        # {'losses': [...], 'resumed_from': step or None, 'last_checkpoint': path or None}
     "Run `step_fn` for `n_steps` steps, resumably, with a progress bar, the NaN guard and periodic checkpoints."
     losses, start, resumed, last = [], 0, None, None
+    run_cfg, run_allow = _RUN.get()
+    config = run_cfg if config is None else config; allow_change = run_allow if allow_change is None else allow_change
     if ckpt is not None:
-        r = ckpt.resume(modules, optimizers, schedulers, generators)
+        if not (isinstance(every, int) and every >= 1): raise ConfigError(f"fit: every={every!r} is not an integer >= 1; checkpoint every 1 or more steps")
+        r = ckpt.resume(modules, optimizers, schedulers, generators, config=config, allow_change=allow_change)
         if r is not None:
             start, resumed, last = r["step"] + 1, r["step"], r["path"]
             losses = list(r["extra"].get("losses", []))[:start]
+        if is_main and start < n_steps: ckpt.check_writable()     # fail before step 0, not at the first checkpoint
     for step in progress(range(start, n_steps), total=n_steps, initial=start, desc=desc):
         losses.append(check_finite(step_fn(step), step, last))
         if ckpt is not None and ((step + 1) % every == 0 or step == n_steps - 1):
-            if is_main: last = ckpt.save(step, modules, optimizers, schedulers, generators, extra={"losses": losses})
+            if is_main: last = ckpt.save(step, modules, optimizers, schedulers, generators, extra={"losses": losses}, config=config)
             else: last = ckpt.path(step)
             if barrier is not None: barrier()
     return {"losses": losses, "resumed_from": resumed, "last_checkpoint": last}
 
 # %% ../nbs/00_core.ipynb #653a4d95
 def fixture_dirs()->list[Path]:
-    "Directories searched for committed fixtures: `$DISTILL_NB_FIXTURES`, then `<repo>/fixtures`."
+    "Directories searched for committed fixtures: `$DISTILL_NB_FIXTURES`, then `<repo>/fixtures`; none when `$DISTILL_NB_NO_FIXTURES=1` (a cold run)."
+    if os.environ.get("DISTILL_NB_NO_FIXTURES", "0") == "1": return []
     ds = [Path(p) for p in os.environ.get("DISTILL_NB_FIXTURES", "").split(os.pathsep) if p]
     if (r := repo_root()) is not None: ds.append(r/"fixtures")
     return ds
 
-def cached_tensors(name:str, cfg, make:Callable[[], dict[str, Tensor]]|None, verbose:bool=True)->dict[str, Tensor]|None:
-    "Tensors for (`name`, `cfg`) from the fixtures or the cache, or from `make()` (then cached); `make=None`: look up only (None if absent)."
-    fn = f"{name}-{config_hash(cfg)}.safetensors"
-    for d in [*fixture_dirs(), cache_dir("models")]:
+def _lookup(dirs:list[Path], fn:str, verbose:bool)->dict|None:
+    for d in dirs:
         if (d/fn).exists():
             try: return load_tensors(d/fn)
             except CheckpointError as e:
                 if verbose: print(f"ignoring a corrupt cache file ({e}); rebuilding", file=sys.stderr)
-    if make is None: return None
-    out = make()
-    save_tensors(cache_dir("models")/fn, out, {"name": name, "config": cfg})
-    return out
+    return None
+
+class rng_preserved:
+    "Context manager: the python, numpy and torch (CPU and CUDA) random states are restored on exit."
+    def __enter__(self):
+        self.s = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    def __exit__(self, *exc):
+        random.setstate(self.s[0]); np.random.set_state(self.s[1]); torch.set_rng_state(self.s[2])
+        if self.s[3] is not None: torch.cuda.set_rng_state_all(self.s[3])
+
+def cached_tensors(name:str, # what is cached, e.g. "hinton-digits-teacher"
+                   cfg,       # everything the tensors depend on, including a "cache_version" salt
+                   make:Callable[[], dict[str, Tensor]]|None, # builds the tensors; None: look up only
+                   verbose:bool=True)->dict[str, Tensor]|None:
+    "Tensors for (`name`, `cfg`) from the fixtures or the cache, else built once by `make()` under a file lock and cached."
+    fn = f"{name}-{config_hash(cfg)}.safetensors"
+    if (out := _lookup(fixture_dirs(), fn, verbose)) is not None: return out
+    cache = cache_dir("models")
+    if make is None: return _lookup([cache], fn, verbose)
+    (locks := cache/".locks").mkdir(exist_ok=True)                # lock files apart: a glob of the cache sees entries only
+    with open(locks/f"{fn}.lock", "a") as lock:
+        if fcntl is not None: fcntl.flock(lock, fcntl.LOCK_EX)   # another process building this entry: wait for it
+        try:
+            if (out := _lookup([cache], fn, verbose)) is not None: return out
+            with rng_preserved(): out = make()         # a miss leaves the caller's RNG as a hit does
+            save_tensors(cache/fn, out, {"name": name, "config": cfg})
+            return out
+        finally:
+            if fcntl is not None: fcntl.flock(lock, fcntl.LOCK_UN)
 
 # %% ../nbs/00_core.ipynb #b0ccbb14
 @torch.no_grad()

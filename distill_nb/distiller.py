@@ -19,8 +19,8 @@ __all__ = ['MAPPINGS', 'INTERMEDIATE', 'KD_LOSSES', 'AUGMENTERS', 'E1_ALPHAS', '
            'tweet_teacher', 'teacher_outputs', 'bert_student', 'eval_accuracy', 'compact_vocab', 'distill_bert',
            'e2_objectives', 'augmented_teacher_logits', 'e3_augmentation', 'MLPNet', 'meta_tasks', 'config_features',
            'mlp_teacher', 'mlp_distill', 'meta_dataset', 'autodistiller_loto', 'e4_autodistiller', 'GlueDistillConfig',
-           'ModelMissingError', 'glue_distill', 'write_synthetic_glue', 'distiller_benchmark', 'show_distiller_results',
-           'factor_shares']
+           'ModelMissingError', 'glue_teacher', 'glue_distill', 'write_synthetic_glue', 'distiller_benchmark',
+           'show_distiller_results', 'factor_shares']
 
 # %% ../nbs/10_distiller.ipynb #7e786418
 import numpy as np
@@ -541,10 +541,10 @@ class TweetTeacherConfig(Config):
 def tweet_teacher(cfg:TweetTeacherConfig=TweetTeacherConfig()):
     "(tokenizer, fine-tuned MiniLM classifier), trained on first use and cached (~90 MB, never committed)."
     from distill_nb.data import load_minilm
-    tok, model = load_minilm(num_labels=2)
     def make():
+        seed_everything(cfg.seed); tok, model = load_minilm(num_labels=2)   # seeded first: the new classifier head is random
         xtr, ytr, _, _ = tweet_task(cfg.n_train, cfg.n_test)
-        ids, am = encode(tok, xtr, cfg.max_len); seed_everything(cfg.seed); model.train()
+        ids, am = encode(tok, xtr, cfg.max_len); model.train()
         opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.01); sch = linear_warmup(opt, cfg.steps)
         def step(i):
             idx = step_batch(len(ytr), cfg.batch_size, i, cfg.seed)
@@ -552,7 +552,8 @@ def tweet_teacher(cfg:TweetTeacherConfig=TweetTeacherConfig()):
             opt.zero_grad(); loss.backward(); opt.step(); sch.step(); return loss
         fit(step, cfg.steps, desc="MiniLM teacher")
         return {k: v.contiguous() for k, v in model.state_dict().items()}
-    model.load_state_dict(cached_tensors("distiller-minilm-tweets", cfg.to_dict(), make))
+    sd = cached_tensors("distiller-minilm-tweets", {**cfg.to_dict(), "cache_version": 2}, make)   # 2: the head is seeded
+    tok, model = load_minilm(num_labels=2); model.load_state_dict(sd)
     return tok, model.eval().requires_grad_(False)
 
 TEACHER_LAYERS = (0, 3, 6)
@@ -572,7 +573,8 @@ def teacher_outputs(n_cache:int=4000, cfg:TweetTeacherConfig=TweetTeacherConfig(
         lt, cls = _teacher_forward(model, *encode(tok, xtr[:n_cache], cfg.max_len), layers)
         lte, _ = _teacher_forward(model, *encode(tok, xte, cfg.max_len), layers[:1])
         return {"train_logits": lt.float(), "train_cls": cls.half(), "test_logits": lte.float()}
-    return cached_tensors("distiller-tweets-teacher", {"teacher": cfg.to_dict(), "n_cache": n_cache, "layers": list(layers)}, make)
+    key = {"teacher": cfg.to_dict(), "n_cache": n_cache, "layers": list(layers), "cache_version": 2}   # 2: from the seeded teacher
+    return cached_tensors("distiller-tweets-teacher", key, make)
 
 # %% ../nbs/10_distiller.ipynb #7967da07
 STUDENTS = {"L2-H128": (2, 128), "L4-H256": (4, 256)}   # BERT-tiny and BERT-mini shapes
@@ -710,7 +712,8 @@ def augmented_teacher_logits(n:int=4000, cfg:TweetTeacherConfig=TweetTeacherConf
     def make():
         tok, model = tweet_teacher(cfg)
         return {"logits": _teacher_forward(model, *encode(tok, copies, cfg.max_len), (0,))[0].float()}
-    key = {"teacher": cfg.to_dict(), "n": n, "augmenters": list(augmenters), "aug_p": aug_p, "n_aug": n_aug, "seed": seed}
+    key = {"teacher": cfg.to_dict(), "n": n, "augmenters": list(augmenters), "aug_p": aug_p, "n_aug": n_aug, "seed": seed,
+           "cache_version": 2}   # 2: from the seeded teacher
     return copies, src, cached_tensors("distiller-tweets-aug-logits", key, make)["logits"]
 
 @experiment("distiller", "e3_augmentation", "augmentation x data size x student size (teacher re-labels the copies)", ci=False)
@@ -982,8 +985,8 @@ class _StudentWithLoss(nn.Module):
 
 def _bert(kind:str, path:str, num_labels:int, vocab:int, layers:int, hidden:int, seed:int):
     from transformers import BertConfig, BertForSequenceClassification
+    seed_everything(seed)   # first: a random model, or a pretrained body whose new classifier head is random
     if path == "random":
-        seed_everything(seed)
         c = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
                        intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=num_labels)
         return BertForSequenceClassification(c)
@@ -992,6 +995,26 @@ def _bert(kind:str, path:str, num_labels:int, vocab:int, layers:int, hidden:int,
             "and set teacher_finetune_steps > 0")
     d = _model_dir(path, "a BERT-base fine-tuned on the task" if kind == "teacher" else "TinyBERT-4L-312D", hint)
     return BertForSequenceClassification.from_pretrained(d, num_labels=num_labels, local_files_only=True)
+
+def glue_teacher(cfg:GlueDistillConfig, num_labels:int, vocab:int,
+                 ids:Tensor, am:Tensor, labels:Tensor,   # the first len(labels) rows of (ids, am) are the fine-tuning set
+                 device="cpu"):
+    "The GLUE teacher of `cfg`, fine-tuned for `cfg.teacher_finetune_steps` first (cached) when that is > 0."
+    teacher = _bert("teacher", cfg.teacher, num_labels, vocab, cfg.teacher_layers, cfg.teacher_hidden, cfg.seed)
+    if not cfg.teacher_finetune_steps: return teacher
+    def make():
+        teacher.train().to(device); opt = torch.optim.AdamW(teacher.parameters(), cfg.teacher_lr, weight_decay=0.01)
+        sch = linear_warmup(opt, cfg.teacher_finetune_steps); n0 = len(labels); seed_everything(cfg.seed)
+        def step(i):
+            idx = step_batch(n0, min(32, n0), i, cfg.seed)
+            loss = teacher(input_ids=ids[idx].to(device), attention_mask=am[idx].to(device), labels=labels[idx].to(device)).loss
+            opt.zero_grad(); loss.backward(); opt.step(); sch.step(); return loss
+        fit(step, cfg.teacher_finetune_steps, desc="teacher fine-tuning")
+        return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+    key = {k: getattr(cfg, k) for k in ("task", "data_root", "teacher", "tokenizer", "teacher_layers", "teacher_hidden",
+                                        "teacher_finetune_steps", "teacher_lr", "max_seq_length", "max_train_examples", "seed")}
+    teacher.load_state_dict(cached_tensors("distiller-glue-teacher", {**key, "cache_version": 2}, make))   # 2: a pretrained teacher's head is seeded
+    return teacher
 
 def _glue_metric(task:str, pred:Tensor, y:Tensor)->dict:
     if task == "STS-B":
@@ -1030,21 +1053,8 @@ def glue_distill(cfg:GlueDistillConfig, out:Path)->dict:
         else: copies, _ = augment_texts(texts, aug, pipe.n_aug, cfg.seed)
         texts = texts + list(copies); labels = torch.cat([labels, labels.repeat_interleave(pipe.n_aug)]); is_copy = torch.cat([is_copy, torch.ones(len(copies), dtype=torch.bool)])
     ids, am = encode(tok, texts, cfg.max_seq_length); dev_ids, dev_am = encode(tok, dev.texts, cfg.max_seq_length)
-    teacher = _bert("teacher", cfg.teacher, num_labels, tok.vocab_size, cfg.teacher_layers, cfg.teacher_hidden, cfg.seed)
-    if cfg.teacher_finetune_steps:
-        with acc.main_process_first():   # one process fine-tunes, the others load the cache
-            def make():
-                teacher.train().to(acc.device); opt = torch.optim.AdamW(teacher.parameters(), cfg.teacher_lr, weight_decay=0.01)
-                sch = linear_warmup(opt, cfg.teacher_finetune_steps); n0 = len(train.labels); seed_everything(cfg.seed)
-                def step(i):
-                    idx = step_batch(n0, min(32, n0), i, cfg.seed)
-                    loss = teacher(input_ids=ids[idx].to(acc.device), attention_mask=am[idx].to(acc.device), labels=train.labels[idx].to(acc.device)).loss
-                    opt.zero_grad(); loss.backward(); opt.step(); sch.step(); return loss
-                fit(step, cfg.teacher_finetune_steps, desc="teacher fine-tuning")
-                return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
-            key = {k: getattr(cfg, k) for k in ("task", "data_root", "teacher", "tokenizer", "teacher_layers", "teacher_hidden",
-                                                "teacher_finetune_steps", "teacher_lr", "max_seq_length", "max_train_examples", "seed")}
-            teacher.load_state_dict(cached_tensors("distiller-glue-teacher", key, make))
+    with acc.main_process_first():   # one process fine-tunes (if asked), the others load the cache
+        teacher = glue_teacher(cfg, num_labels, tok.vocab_size, ids, am, train.labels, acc.device)
     teacher = teacher.eval().requires_grad_(False).to(acc.device)           # frozen: not prepared, not DDP-wrapped
     student = _bert("student", cfg.student, num_labels, tok.vocab_size, cfg.student_layers, cfg.student_hidden, cfg.seed + 1)
     tc, sc = teacher.config, student.config

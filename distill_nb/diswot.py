@@ -345,7 +345,7 @@ def semantic_similarity(out_s:dict, out_t:dict,            # model_outputs of st
                        )->Tensor:                          # M_s >= 0 (0: identical semantics)
     "DisWOT's semantic metric M_s between student and teacher (code form: ICKD on fc gradients)."
     if form == "code":
-        return ickd_semantic(out_s["grad"], out_t["grad"], form="closed")
+        return ickd_semantic(out_s["grad"], out_t["grad"], form="closed", scale="kc")
     if form != "paper": raise ValueError(f"semantic_similarity: form must be 'code' or 'paper', got {form!r}")
     if "alpha" not in out_s or "alpha" not in out_t:
         raise ValueError("semantic_similarity(form='paper') needs Grad-CAM weights: call model_outputs(..., alpha=True)")
@@ -459,11 +459,11 @@ PROXIES: dict[str, Callable] = {
     # KD-based zero-proxies (negated losses between random teacher and random student)
     "kd": _neg(lambda s, t: kd_kl(s["logits"], t["logits"], T=4.0)),
     "fitnet": _neg(lambda s, t: fitnet_loss(s["feat"], t["feat"])),
-    "at": _neg(lambda s, t: torch.stack([at_loss(a, b) for a, b in common_stages(s, t)]).mean()),
+    "at": _neg(lambda s, t: torch.stack([at_loss(a, b, reduction="sum") for a, b in common_stages(s, t)]).mean()),
     "sp": _neg(lambda s, t: sp_loss(s["feat"], t["feat"])),
     "rkd": _neg(lambda s, t: rkd_loss(s["pool"], t["pool"])),
-    "pkt": _neg(lambda s, t: pkt_loss(s["pool"], t["pool"])),
-    "cc": _neg(lambda s, t: cc_loss(s["pool"], t["pool"])),
+    "pkt": _neg(lambda s, t: pkt_loss(s["pool"], t["pool"], self_pair=False, reduction="batchmean")),
+    "cc": _neg(lambda s, t: cc_loss(s["pool"], t["pool"], normalize=True)),
     "nst": _neg(lambda s, t: nst_loss(s["feat"], t["feat"])),
     "ickd": _neg(lambda s, t: channel_gram_loss(s["feat"], t["feat"])),
     # DisWOT (higher = better): both terms, each term, and the paper form

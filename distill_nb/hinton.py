@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Literal
 
 # %% auto #0
-__all__ = ['digits_split', 'few_labels', 'mlp', 'TeacherConfig', 'train_classifier', 'digits_teacher', 'train_student',
-           'soft_targets_experiment', 'teacher_cache_benchmark', 'HintonFullConfig', 'hinton_full']
+__all__ = ['ARMS', 'digits_split', 'few_labels', 'mlp', 'TeacherConfig', 'train_classifier', 'digits_teacher', 'train_student',
+           'soft_targets_experiment', 'teacher_cache_benchmark', 'parallel_seeds_benchmark']
 
 # %% ../nbs/08_hinton.ipynb #c64d177b
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             progress, accuracy)
-from .records import Record, experiment, benchmark
-from .launch import launcher, make_accelerator
+from .core import Config, seed_everything, cached_tensors, fit, step_batch, progress, accuracy, config_hash
+from .records import (Record, experiment, benchmark, claim_test, guard, power_gate, seeds_gate, protocol,
+                                run_parallel)
 from .kd import kd_kl
-from .stats import paired_diff, mean_std
+from .stats import sign_flip_test, mean_std
 
 # %% ../nbs/08_hinton.ipynb #0d9c10ab
 def digits_split(seed:int=0, test_frac:float=0.25):
@@ -69,11 +68,12 @@ def train_classifier(model:nn.Module, x:Tensor, y:Tensor, steps:int, lr:float, b
     fit(step, steps, desc=desc); return model.eval()
 
 def digits_teacher(cfg:TeacherConfig=TeacherConfig())->nn.Module:
-    "The digits teacher for `cfg`, trained on first use and cached."
+    "The digits teacher for `cfg`, trained on first use and cached (seeded from `cfg.seed` before it is built)."
     def make():
-        x, y, _, _ = digits_split()
+        x, y, _, _ = digits_split(); seed_everything(cfg.seed)
         return train_classifier(mlp(cfg.sizes, cfg.dropout), x, y, cfg.steps, cfg.lr, cfg.batch_size, cfg.seed, "teacher").state_dict()
-    m = mlp(cfg.sizes, cfg.dropout); m.load_state_dict(cached_tensors("hinton-digits-teacher", cfg.to_dict(), make))
+    key = {**cfg.to_dict(), "cache_version": 2}   # v1 built the MLP before seeding: never reuse those caches
+    m = mlp(cfg.sizes, cfg.dropout); m.load_state_dict(cached_tensors("hinton-digits-teacher", key, make))
     return m.eval().requires_grad_(False)
 
 # %% ../nbs/08_hinton.ipynb #5aa3db54
@@ -94,36 +94,66 @@ def train_student(arm:Literal["hard", "soft", "soft+transfer"], teacher:nn.Modul
         opt.zero_grad(); loss.backward(); opt.step(); return loss
     fit(step, steps); return s.eval()
 
-# %% ../nbs/08_hinton.ipynb #96eea21b
-@experiment("hinton", "soft_targets", "soft targets vs hard labels for a small student on 3 labels per class (digits)")
-def soft_targets_experiment(scale:str="quick", seeds:list[int]|None=None, n_per_class:int=3, steps:int=400)->Record:
-    "Hinton KD on sklearn digits: hard vs soft vs soft+transfer students, paired over seeds."
-    seeds = list(seeds or range(5)); x, y, xt, yt = digits_split(); teacher = digits_teacher()
-    arms = ("hard", "soft", "soft+transfer"); acc = {a: [] for a in arms}
-    for seed in progress(seeds, desc="seeds"):
-        lab = few_labels(y, n_per_class, seed)
-        for a in arms: acc[a].append(accuracy(train_student(a, teacher, x, y, lab, steps=steps, seed=seed), xt, yt))
-    d_soft, d_tr = paired_diff(acc["soft"], acc["hard"]), paired_diff(acc["soft+transfer"], acc["hard"])
-    m = {f"acc_{a}": acc[a] for a in arms} | {"acc_teacher": accuracy(teacher, xt, yt),
-         "soft_minus_hard": dataclasses.asdict(d_soft), "transfer_minus_hard": dataclasses.asdict(d_tr)}
-    checks = {"soft > hard (mean over paired seeds)": d_soft.mean > 0,
-              "soft+transfer > hard (mean over paired seeds)": d_tr.mean > 0}
-    ms = lambda v: mean_std(100 * np.asarray(v), ".1f")
+# %% ../nbs/08_hinton.ipynb #c1a2b001
+def _one_seed(args)->dict:
+    "Teacher and the three student arms of one seed: test accuracies."
+    seed, n_per_class, steps = args
+    x, y, xt, yt = digits_split(); teacher = digits_teacher(TeacherConfig(seed=seed)); lab = few_labels(y, n_per_class, seed)
+    out = {a: accuracy(train_student(a, teacher, x, y, lab, steps=steps, seed=seed), xt, yt) for a in ARMS}
+    return out | {"teacher": accuracy(teacher, xt, yt)}
+
+ARMS = ("hard", "soft", "soft+transfer")
+
+def _soft_targets_checks(acc:dict, pilot:dict, pro:dict)->dict:
+    "The record's checks, with their roles: three claims, two guards, two power gates."
+    pts = lambda k: 100 * np.asarray(acc[k]); t = lambda a, b: sign_flip_test(pts(a), pts(b), alpha=pro["alpha"])
+    pilot_sd = float(np.std(100 * (np.asarray(pilot["soft"]) - np.asarray(pilot["hard"])), ddof=1))
+    return {
+        "soft > hard": claim_test(t("soft", "hard"), primary=True, unit="pts"),
+        "soft+transfer > soft": claim_test(t("soft+transfer", "soft"), unit="pts"),
+        "soft+transfer > hard": claim_test(t("soft+transfer", "hard"), unit="pts"),
+        "teachers >= 90 %": guard(min(acc["teacher"]) >= 0.9, "every seed's teacher", value=100 * min(acc["teacher"]), threshold=90., unit="%"),
+        "no student collapsed": guard(min(min(acc[a]) for a in ARMS) > 0.2, "every arm above 20 % (chance 10 %)",
+                                      value=100 * min(min(acc[a]) for a in ARMS), threshold=20., unit="%"),
+        "min. detectable effect": seeds_gate(pilot_sd, len(acc["hard"]), pro["sesoi"], pro["alpha"], pro["power"], unit="pts"),
+        "teacher - hard >= sesoi": power_gate(float(np.mean(pts("teacher") - pts("hard"))), pro["sesoi"], unit="pts",
+                                              note="the setting has knowledge to transfer"),
+    }
+
+# %% ../nbs/08_hinton.ipynb #c1a2b002
+def _soft_targets_figure(acc:dict, n_per_class:int):
+    "Per-seed accuracy of the three arms (grey), their mean (red), and the teachers' mean (dashed)."
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    for s_i in range(len(seeds)): ax.plot(range(len(arms)), [100*acc[a][s_i] for a in arms], "o-", color="0.6", lw=0.8)
-    ax.plot(range(len(arms)), [100*np.mean(acc[a]) for a in arms], "s-", color="C3", lw=2, label="mean over seeds")
-    ax.axhline(100*accuracy(teacher, xt, yt), ls="--", color="C0", label="teacher"); ax.set_xticks(range(len(arms)), arms)
-    ax.set_ylabel("test accuracy (%)"); ax.set_title(f"digits, {n_per_class} labels/class, paired seeds"); ax.legend(fontsize=8)
-    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 3)); x = range(len(ARMS))
+    for s_i in range(len(acc["hard"])): ax.plot(x, [100*acc[a][s_i] for a in ARMS], "o-", color="0.6", lw=0.8)
+    ax.plot(x, [100*np.mean(acc[a]) for a in ARMS], "s-", color="C3", lw=2, label="mean over seeds")
+    ax.axhline(100*np.mean(acc["teacher"]), ls="--", color="C0", label="teachers (mean)"); ax.set_xticks(x, ARMS)
+    ax.set_ylabel("test accuracy (%)"); ax.set_title(f"digits, {n_per_class} labels/class, {len(acc['hard'])} paired seeds"); ax.legend(fontsize=8)
+    plt.close(fig); return fig
+
+# %% ../nbs/08_hinton.ipynb #96eea21b
+@experiment("hinton", "soft_targets", "soft targets vs hard labels for a small student on 3 labels per class (digits)", min_seeds=2)
+def soft_targets_experiment(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None,
+                            n_per_class:int=3, steps:int=400)->Record:
+    "Hinton KD on sklearn digits: hard vs soft vs soft+transfer students, paired over seeds, as pre-registered."
+    pro = protocol("hinton", "soft_targets")
+    seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds or pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ValueError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}")
+    runs = run_parallel(_one_seed, [(s, n_per_class, steps) for s in seeds + pilot_seeds], desc="seed")
+    acc = {k: [r[k] for r in runs[:len(seeds)]] for k in (*ARMS, "teacher")}
+    pilot = {k: [r[k] for r in runs[len(seeds):]] for k in ARMS}
+    checks = _soft_targets_checks(acc, pilot, pro)
+    m = {f"acc_{k}": v for k, v in acc.items()} | {"pilot": pilot}
+    ms = lambda v: mean_std(100 * np.asarray(v), ".1f"); c = checks["soft > hard"]
     return Record("hinton", "soft_targets",
         claim="Soft targets from a teacher beat hard labels for a small student trained on few labels; unlabelled transfer data helps more.",
-        metrics=m, checks=checks, seeds=seeds,
+        metrics=m, checks=checks, seeds=seeds, protocol=pro, protocol_hash=config_hash(pro),
         summary=f"test acc % hard {ms(acc['hard'])}, soft {ms(acc['soft'])}, soft+transfer {ms(acc['soft+transfer'])} "
-                f"(teacher {100*m['acc_teacher']:.1f}); soft − hard {100*d_soft.mean:+.1f} pts [{100*d_soft.lo:+.1f}, {100*d_soft.hi:+.1f}]",
+                f"(teachers {ms(acc['teacher'])}); soft − hard {c.effect:+.1f} pts [{c.lo:+.1f}, {c.hi:+.1f}], p = {c.p:.3g}",
         paper_summary="Hinton et al. 2015, §3 (speech, 3 % of the data): soft targets recover most of what hard targets lose (qualitative here)",
-        config={"n_per_class": n_per_class, "steps": steps, "student": [64, 32, 10], "teacher": TeacherConfig().to_dict(), "T": 4.0, "alpha": 0.9},
-        table=[{"arm": a, "test acc (%)": ms(acc[a])} for a in arms], scale=scale, figs={"accuracy": fig})
+        config={"n_per_class": n_per_class, "steps": steps, "student": [64, 32, 10], "teacher": TeacherConfig().to_dict() | {"seed": "= seed"},
+                "T": 4.0, "alpha": 0.9, "pilot_seeds": pilot_seeds},
+        table=[{"arm": a, "test acc (%)": ms(acc[a])} for a in (*ARMS, "teacher")], scale=scale, figs={"accuracy": _soft_targets_figure(acc, n_per_class)})
 
 # %% ../nbs/08_hinton.ipynb #dd639737
 @benchmark("hinton", "teacher_cache", "KD steps with cached teacher logits vs a live teacher forward")
@@ -144,70 +174,13 @@ def teacher_cache_benchmark(steps:int=200, batch_size:int=256)->dict:
     live, cached = run(True), run(False)
     return {"live_teacher_s": round(live, 4), "cached_logits_s": round(cached, 4), "speedup": round(live / cached, 2)}
 
-# %% ../nbs/08_hinton.ipynb #53edf2f5
-@dataclasses.dataclass
-class HintonFullConfig(Config):
-    dataset: Literal["fashion", "synthetic"] = "fashion"
-    n_synthetic: int = 512
-    teacher: list[int] = dataclasses.field(default_factory=lambda: [784, 1200, 1200, 10])
-    teacher_steps: int = 3000
-    student: list[int] = dataclasses.field(default_factory=lambda: [784, 64, 10])
-    steps: int = 5000
-    batch_size: int = 256
-    lr: float = 1e-3
-    T: float = 4.0
-    alpha: float = 0.9
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep: int = 3
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-
-def _full_data(cfg:HintonFullConfig):
-    if cfg.dataset == "synthetic":
-        g = torch.Generator().manual_seed(cfg.seed); d = cfg.teacher[0]; k = cfg.teacher[-1]
-        centers = torch.randn(k, d, generator=g) * 2; y = torch.randint(0, k, (cfg.n_synthetic,), generator=g)
-        return centers[y] + torch.randn(cfg.n_synthetic, d, generator=g), y
-    from distill_nb.data import load_fashion_mnist
-    x, y = load_fashion_mnist("train")
-    return x.reshape(len(x), -1).float() / 255., y.long()
-
-# %% ../nbs/08_hinton.ipynb #3698bd10
-@launcher("hinton", HintonFullConfig)
-def hinton_full(cfg:HintonFullConfig, out:Path)->dict:
-    "Teacher (cached) then KD student under accelerate, resumable."
-    acc = make_accelerator(cfg.mixed_precision); out = Path(out)
-    x, y = _full_data(cfg)
-    with acc.main_process_first():  # one process trains the teacher, the others load the cache
-        def make():
-            return train_classifier(mlp(cfg.teacher, 0.2), x, y, cfg.teacher_steps, cfg.lr, cfg.batch_size, cfg.seed,
-                                    "teacher").state_dict()
-        t_cfg = {k: getattr(cfg, k) for k in ("dataset", "n_synthetic", "teacher", "teacher_steps", "lr", "batch_size", "seed")}
-        sd = cached_tensors("hinton-full-teacher", t_cfg, make)
-    teacher = mlp(cfg.teacher, 0.2); teacher.load_state_dict(sd)
-    teacher = teacher.eval().requires_grad_(False).to(acc.device)          # frozen: not prepared, not DDP-wrapped
-    seed_everything(cfg.seed); student = mlp(cfg.student)
-    opt = torch.optim.Adam(student.parameters(), cfg.lr)
-    student, opt = acc.prepare(student, opt)
-    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))          # test hook: simulate a hard kill
-    rank, world = acc.process_index, acc.num_processes
-    def step(i):
-        if i == crash_at and acc.is_main_process: os._exit(17)
-        idx = step_batch(len(x), cfg.batch_size, i, cfg.seed)[rank::world]
-        xb, yb = x[idx].to(acc.device), y[idx].to(acc.device)
-        with torch.no_grad(): tb = teacher(xb)
-        with acc.autocast():
-            out_s = student(xb)
-            loss = (1 - cfg.alpha) * F.cross_entropy(out_s, yb) + cfg.alpha * kd_kl(out_s, tb, T=cfg.T)
-        opt.zero_grad(); acc.backward(loss); opt.step()
-        return acc.reduce(loss.detach(), "mean")
-    ck = Checkpointer(out/"checkpoints", keep=cfg.keep)
-    res = fit(step, cfg.steps, ck, {"student": acc.unwrap_model(student)}, {"opt": opt}, every=cfg.checkpoint_every,
-              desc="student", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
-    acc.wait_for_everyone()
-    summary = {"final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": world}
-    if acc.is_main_process:
-        s = acc.unwrap_model(student)
-        summary["train_acc"] = accuracy(s.cpu(), x, y); summary["teacher_train_acc"] = accuracy(teacher.cpu(), x, y)
-        save_tensors(out/"student.safetensors", s.state_dict())
-        (out/"summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+# %% ../nbs/08_hinton.ipynb #c1a2b004
+@benchmark("hinton", "parallel_seeds", "soft_targets seeds with 2 worker processes vs 1 (same results, wall-time ratio)")
+def parallel_seeds_benchmark(seeds:tuple=(0, 1, 2, 3), steps:int=400)->dict:
+    "Time `_one_seed` over `seeds` with jobs=1 and jobs=2 (teachers cached first); return both and the ratio."
+    for s in seeds: digits_teacher(TeacherConfig(seed=s))
+    args, out = [(s, 3, steps) for s in seeds], {}
+    for j in (1, 2):
+        t0 = time.perf_counter(); out[j] = run_parallel(_one_seed, args, j); out[f"t{j}"] = time.perf_counter() - t0
+    if out[1] != out[2]: raise AssertionError("jobs=2 gave other results than jobs=1")
+    return {"jobs1_s": round(out["t1"], 2), "jobs2_s": round(out["t2"], 2), "speedup": round(out["t1"] / out["t2"], 2), "identical": True}

@@ -473,17 +473,20 @@ def digits_student(method:str, cfg:DigitsDistillConfig=DigitsDistillConfig(), te
                    ckpt:Checkpointer|None=None)->CondEpsMLP:
     "A LoRA student of the digits teacher distilled with `method` ('tscd', 'ctm', 'cd'); the adapter is named 'tscd'."
     teacher = teacher or digits_teacher()
+    x, y = digits_data(); seed_everything(cfg.seed)   # first: the LoRA's down-projections are random
     student = add_lora(copy.deepcopy(teacher), "tscd", cfg.rank)
-    x, y = digits_data(); seed_everything(cfg.seed)
     out = consistency_distill(teacher, tensor_batches(x, y, dequant=True), method_stages(method, cfg.iters), student=student,
                               lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, ema_mu=cfg.ema_mu,
                               guidance=(cfg.guidance, cfg.guidance), offset_noise=cfg.offset_noise, ckpt=ckpt, desc=f"digits {method}")
     return out["student"].requires_grad_(False)
 
-def cached_student(method:str, cfg:DigitsDistillConfig=DigitsDistillConfig())->CondEpsMLP:
+def cached_student(method:str, cfg:DigitsDistillConfig=DigitsDistillConfig(),
+                   teacher_cfg:DigitsTeacherConfig=DigitsTeacherConfig(), # the teacher (small ones in tests)
+                  )->CondEpsMLP:
     "`digits_student`, cached by config (the LoRA weights only)."
-    tea = digits_teacher()
-    sd = cached_tensors(f"hyper_sd-digits-{method}-lora", {**cfg.to_dict(), "teacher": DigitsTeacherConfig().to_dict(), "method": method},
+    tea = digits_teacher(teacher_cfg)
+    key = {**cfg.to_dict(), "teacher": teacher_cfg.to_dict(), "method": method, "cache_version": 2}   # 2: seeded LoRA init
+    sd = cached_tensors(f"hyper_sd-digits-{method}-lora", key,
                         lambda: lora_state_dict(digits_student(method, cfg, tea), "tscd"))
     from peft import set_peft_model_state_dict
     m = add_lora(copy.deepcopy(tea), "tscd", cfg.rank); set_peft_model_state_dict(m, sd, adapter_name="tscd")
@@ -1467,18 +1470,11 @@ PAPER_TABLES = {  # [paper] Ren et al. 2024, Tables 1-5 as printed (digest §6);
 }
 
 def show_results(root=None):
-    "Our records (summary + detailed tables) for hyper_sd, then the paper's Tables 1-5."
+    "The summary of our hyper_sd records, then the paper's Tables 1-5 (each record's checks, table and figures are shown beside its experiment)."
     from IPython.display import Markdown, display
     from distill_nb.records import load_records, records_table, md_table
     recs = load_records("hyper_sd", root)
     parts = [records_table(recs) if recs else "_No hyper_sd records yet: run `distill_nb reproduce hyper_sd`._"]
-    for r in recs:
-        parts += [f"**{r.experiment}** ({r.verdict}): " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r.checks.items()), md_table(r.table)]
     for name, rows in PAPER_TABLES.items(): parts += [f"**[paper] {name}**", md_table(rows)]
     display(Markdown("\n\n".join(parts)))
-    from IPython.display import Image
-    from distill_nb.records import results_dir
-    for r in recs:
-        for f in r.figures:
-            p = Path(root or results_dir())/f
-            if p.exists(): display(Image(filename=str(p)))
+

@@ -3,7 +3,7 @@
 # %% ../nbs/02_kd.ipynb #154c64fa
 """Logit distillation, feature hooks, projections, intermediate and relation objectives, and a registry that composes them"""
 from __future__ import annotations
-import difflib, math
+import difflib, math, numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,6 +20,23 @@ from torch import nn, Tensor
 
 # %% ../nbs/02_kd.ipynb #7cd3a065
 def _shape(x:Tensor)->tuple: return tuple(x.shape)
+
+def _type_name(x)->str:
+    t = type(x); return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+
+_NO_T = object()   # sentinel: the loss has no temperature
+
+def _check_inputs(fn:str, T:Any=_NO_T, **tensors)->None:
+    "Refuse non-tensors, NaN/inf entries and a temperature that is not a finite number > 0, naming the argument."
+    for name, x in tensors.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}; convert it with torch.as_tensor({name})")
+        if (x.is_floating_point() or x.is_complex()) and not torch.isfinite(x).all():
+            n = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{fn}: {name} contains NaN/inf at {n} position{'' if n == 1 else 's'}; "
+                             f"check the model's outputs or lower the learning rate")
+    if T is not _NO_T and (isinstance(T, bool) or not isinstance(T, numbers.Real) or not math.isfinite(T) or T <= 0):
+        raise ValueError(f"{fn}: T must be > 0, got {T!r}")
 
 def _check_same(s:Tensor, t:Tensor, fn:str, hint:str="")->None:
     "Raise a clear error when student and teacher tensors differ in shape."
@@ -47,7 +64,7 @@ def kd_ce(s_logits:Tensor,          # student logits, (..., C) with C >= 2
           tau_squared:bool=False,   # multiply by T**2 (Hinton convention); Distiller uses False
          )->Tensor:                 # scalar: soft cross-entropy averaged over examples
     "Soft cross-entropy KD, $-\\sum_c p^T_c\\log p^S_c$ at temperature `T` (Distiller's `ce`)."
-    _check_logits(s_logits, t_logits, "kd_ce")
+    _check_inputs("kd_ce", T=T, s_logits=s_logits, t_logits=t_logits); _check_logits(s_logits, t_logits, "kd_ce")
     loss = -(F.softmax(t_logits / T, -1) * F.log_softmax(s_logits / T, -1)).sum(-1).mean()
     return loss * T * T if tau_squared else loss
 
@@ -58,7 +75,7 @@ def kd_kl(s_logits:Tensor,         # student logits, (..., C) with C >= 2
           tau_squared:bool=True,   # multiply by T**2 (Hinton / RepDistiller / DisWOT)
          )->Tensor:                # scalar: KL(teacher || student) averaged over examples
     "Hinton KD: $\\tau^2\\,\\mathrm{KL}(p^T_\\tau\\Vert p^S_\\tau)$, averaged over examples."
-    _check_logits(s_logits, t_logits, "kd_kl")
+    _check_inputs("kd_kl", T=T, s_logits=s_logits, t_logits=t_logits); _check_logits(s_logits, t_logits, "kd_kl")
     lt, ls = F.log_softmax(t_logits / T, -1), F.log_softmax(s_logits / T, -1)
     loss = (lt.exp() * (lt - ls)).sum(-1).mean()
     return loss * T * T if tau_squared else loss
@@ -69,7 +86,7 @@ def kd_mse(s_logits:Tensor,  # student outputs, any shape (also one-output regre
            T:float=1.0,      # temperature: both sides are divided by T
           )->Tensor:         # scalar: mean((z_S/T - z_T/T)^2)
     "Logit MSE KD (Distiller's `mse`), the right choice for regression heads."
-    _check_same(s_logits, t_logits, "kd_mse")
+    _check_inputs("kd_mse", T=T, s_logits=s_logits, t_logits=t_logits); _check_same(s_logits, t_logits, "kd_mse")
     return ((s_logits - t_logits) / T).pow(2).mean()
 
 # %% ../nbs/02_kd.ipynb #1f88ea4d
@@ -77,6 +94,7 @@ def hard_ce(s_logits:Tensor,  # student logits, (B, C) with C >= 2
             labels:Tensor,    # integer class labels, (B,)
            )->Tensor:         # scalar cross-entropy
     "Cross-entropy with the hard labels (refuses a one-output head like the KD losses)."
+    _check_inputs("hard_ce", s_logits=s_logits, labels=labels)
     if s_logits.ndim != 2 or s_logits.shape[-1] < 2:
         raise ValueError(f"hard_ce: expects logits (B, C) with C >= 2, got {_shape(s_logits)}; for a regression head use an MSE on the targets")
     if labels.shape != s_logits.shape[:1]:
@@ -90,7 +108,7 @@ def soft_kl(s_logits:Tensor,        # student logits, (..., C)
             tau_squared:bool=False, # multiply by T**2
            )->Tensor:               # scalar: KL(t_probs || softmax(s/T)) averaged over examples
     "KL from given target probabilities to the tempered student (Borup et al.'s distillation term)."
-    _check_logits(s_logits, t_probs, "soft_kl")
+    _check_inputs("soft_kl", T=T, s_logits=s_logits, t_probs=t_probs); _check_logits(s_logits, t_probs, "soft_kl")
     if (t_probs < 0).any() or not torch.allclose(t_probs.sum(-1), torch.ones_like(t_probs[..., 0]), atol=1e-4):
         raise ValueError("soft_kl: t_probs must be probabilities (non-negative, rows summing to 1); pass logits to kd_kl instead")
     ls = F.log_softmax(s_logits / T, -1)
@@ -178,6 +196,7 @@ _PROJ_HINT = "Project the student first: make_projection(s_dim, t_dim)(h_s)."
 def _token_mean(per_tok:Tensor, mask:Tensor|None, fn:str)->Tensor:
     "Mean of per-token values over the tokens selected by `mask` (all tokens when None)."
     if mask is None: return per_tok.mean()
+    _check_inputs(fn, mask=mask)
     if mask.shape != per_tok.shape:
         raise ValueError(f"{fn}: attention mask {_shape(mask)} does not match the token grid {_shape(per_tok)}")
     m = mask.to(per_tok.dtype)
@@ -189,7 +208,7 @@ def hidden_mse(h_s:Tensor,             # projected student hidden states, (B, [T
                mask:Tensor|None=None,  # (B, T) attention mask: 1 for real tokens
               )->Tensor:               # scalar
     "Token-averaged MSE between hidden states (TinyBERT / Distiller `mse`)."
-    _check_same(h_s, h_t, "hidden_mse", _PROJ_HINT)
+    _check_inputs("hidden_mse", h_s=h_s, h_t=h_t); _check_same(h_s, h_t, "hidden_mse", _PROJ_HINT)
     return _token_mean((h_s - h_t).pow(2).mean(-1), mask, "hidden_mse")
 
 # %% ../nbs/02_kd.ipynb #be21d942
@@ -198,7 +217,7 @@ def hidden_ce(h_s:Tensor,             # projected student hidden states, (B, [T,
               mask:Tensor|None=None,  # (B, T) attention mask
              )->Tensor:               # scalar
     "Soft cross-entropy between softmaxes of hidden states over the feature axis (Distiller `ce`)."
-    _check_same(h_s, h_t, "hidden_ce", _PROJ_HINT)
+    _check_inputs("hidden_ce", h_s=h_s, h_t=h_t); _check_same(h_s, h_t, "hidden_ce", _PROJ_HINT)
     return _token_mean(-(F.softmax(h_t, -1) * F.log_softmax(h_s, -1)).sum(-1), mask, "hidden_ce")
 
 # %% ../nbs/02_kd.ipynb #8a1d2093
@@ -207,7 +226,7 @@ def cosine_loss(h_s:Tensor,             # projected student hidden states, (B, [
                 mask:Tensor|None=None,  # (B, T) attention mask
                )->Tensor:               # scalar in [0, 2]
     "Mean over tokens of $1-\\cos(Wh^S,h^T)$ (DistilBERT / Distiller `cos`)."
-    _check_same(h_s, h_t, "cosine_loss", _PROJ_HINT)
+    _check_inputs("cosine_loss", h_s=h_s, h_t=h_t); _check_same(h_s, h_t, "cosine_loss", _PROJ_HINT)
     return _token_mean(1 - F.cosine_similarity(h_s, h_t, dim=-1, eps=1e-8), mask, "cosine_loss")
 
 # %% ../nbs/02_kd.ipynb #ec6ac775
@@ -216,7 +235,7 @@ def pkd_loss(h_s:Tensor,      # projected student states, (B, T, d) (token 0 is 
              cls_index:int=0, # position of the [CLS] token when inputs are (B, T, d)
             )->Tensor:        # scalar in [0, 4]
     "BERT-PKD: squared distance of the unit-normalised [CLS] vectors, averaged over examples."
-    _check_same(h_s, h_t, "pkd_loss", _PROJ_HINT)
+    _check_inputs("pkd_loss", h_s=h_s, h_t=h_t); _check_same(h_s, h_t, "pkd_loss", _PROJ_HINT)
     if h_s.ndim == 3: h_s, h_t = h_s[:, cls_index], h_t[:, cls_index]
     return (F.normalize(h_s, dim=-1) - F.normalize(h_t, dim=-1)).pow(2).sum(-1).mean()
 
@@ -225,7 +244,7 @@ def sp_loss(f_s:Tensor,  # student features, (N, ...) e.g. pre-GAP maps (N, C_S,
             f_t:Tensor,  # teacher features, (N, ...); C, H, W may differ from the student's
            )->Tensor:    # scalar
     "Similarity-preserving loss: $\\frac1{N^2}\\lVert G^T-G^S\\rVert_F^2$ with $G=\\mathrm{rownorm}(AA^\\top)$."
-    _check_batch(f_s, f_t, "sp_loss")
+    _check_inputs("sp_loss", f_s=f_s, f_t=f_t); _check_batch(f_s, f_t, "sp_loss")
     def gram(f): a = f.flatten(1); return F.normalize(a @ a.T, dim=1)
     return (gram(f_t) - gram(f_s)).pow(2).sum() / f_s.shape[0] ** 2
 
@@ -235,6 +254,7 @@ def ce_weight_grad(feats:Tensor,   # GAP features entering the classifier, (N, C
                    labels:Tensor,  # integer labels, (N,)
                   )->Tensor:       # (K, C): d mean-CE / d W_fc, differentiable in feats and logits
     "Closed-form gradient of the batch-mean cross-entropy with respect to the classifier weights."
+    _check_inputs("ce_weight_grad", feats=feats, logits=logits, labels=labels)
     if feats.ndim != 2 or logits.ndim != 2 or feats.shape[0] != logits.shape[0] or labels.shape != logits.shape[:1]:
         raise ValueError(f"ce_weight_grad: expects feats (N, C), logits (N, K), labels (N,); got {_shape(feats)}, {_shape(logits)}, {_shape(labels)}")
     err = F.softmax(logits, -1) - F.one_hot(labels.long(), logits.shape[-1]).to(logits.dtype)
@@ -244,8 +264,10 @@ def ce_weight_grad(feats:Tensor,   # GAP features entering the classifier, (N, C
 def ickd_semantic(g_s:Tensor,           # student classifier-weight gradient, (K, C)
                   g_t:Tensor,           # teacher classifier-weight gradient, (K, C)
                   form:str="closed",    # 'closed' (sign/cosine identity, O(KC)) or 'matrix' (K Gram matrices, O(KC^2))
-                 )->Tensor:             # scalar in [0, 4]
+                  scale:str="kc",       # divide the sum by K*C ('kc', DisWOT's code), K^2*C ('k2c', K times smaller) or 1 ('sum')
+                 )->Tensor:             # scalar in [0, 4] with scale='kc'
     "ICKD-style channel metric $\\frac1{KC}\\sum_k\\lVert M^S_k-M^T_k\\rVert_F^2$, $M_k=\\mathrm{rownorm}(g_kg_k^\\top)$."
+    _check_inputs("ickd_semantic", g_s=g_s, g_t=g_t)
     if g_s.ndim != 2 or g_t.ndim != 2: raise ValueError(f"ickd_semantic: expects (K, C) gradients, got {_shape(g_s)} and {_shape(g_t)}")
     if g_s.shape[1] != g_t.shape[1]:
         raise ValueError(f"ickd_semantic: needs C_S == C_T, got student C={g_s.shape[1]} and teacher C={g_t.shape[1]} "
@@ -254,29 +276,35 @@ def ickd_semantic(g_s:Tensor,           # student classifier-weight gradient, (K
         raise ValueError(f"ickd_semantic: class-count mismatch, student K={g_s.shape[0]} vs teacher K={g_t.shape[0]}; "
                          f"teacher and student heads must predict the same classes (never reshape one into the other)")
     K, C = g_s.shape
+    if scale not in ("kc", "k2c", "sum"): raise ValueError(f"ickd_semantic: scale must be 'kc' (DisWOT), 'k2c' or 'sum', got {scale!r}")
+    div = {"kc": K * C, "k2c": K * K * C, "sum": 1}[scale]
     if form == "matrix":
         M = lambda g: F.normalize(g[:, :, None] * g[:, None, :], dim=-1)
-        return (M(g_s) - M(g_t)).pow(2).sum() / (K * C)
+        return (M(g_s) - M(g_t)).pow(2).sum() / div
     if form != "closed": raise ValueError(f"ickd_semantic: form must be 'closed' or 'matrix', got {form!r}")
     ss, st = torch.sign(g_s), torch.sign(g_t)
     cos = F.cosine_similarity(g_s, g_t, dim=1, eps=1e-12)[:, None]
-    return (ss.abs() + st.abs() - 2 * ss * st * cos).sum() / (K * C)
+    return (ss.abs() + st.abs() - 2 * ss * st * cos).sum() / div
 
 # %% ../nbs/02_kd.ipynb #e9064d06
-def at_loss(f_s:Tensor,       # student maps (N, C_S, H, W)
-            f_t:Tensor,       # teacher maps (N, C_T, H', W')
-            p:float=2.0,      # exponent of the attention map sum_c |A_c|^p
-            pool:bool=False,  # adaptive-average-pool the larger map when H, W differ
-           )->Tensor:         # scalar in [0, 4]
-    "Attention transfer: squared distance of the normalised spatial maps $\\sum_c|A_c|^p$."
-    _check_batch(f_s, f_t, "at_loss")
+def at_loss(f_s:Tensor,            # student maps (N, C_S, H, W)
+            f_t:Tensor,            # teacher maps (N, C_T, H', W')
+            p:float=2.0,           # exponent of the attention map sum_c |A_c|^p
+            pool:bool=False,       # adaptive-average-pool the larger map when H, W differ
+            reduction:str="mean",  # 'mean' over positions and examples (authors' code); 'sum' over positions: H*W times 'mean'
+           )->Tensor:              # scalar in [0, 2/(H*W)] ('mean') or [0, 2] ('sum')
+    "Attention transfer: squared difference of the normalised spatial maps $\\sum_c|A_c|^p$; 'sum' is $HW$ times 'mean'."
+    _check_inputs("at_loss", f_s=f_s, f_t=f_t); _check_batch(f_s, f_t, "at_loss")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"at_loss: reduction must be 'mean' (authors' code) or 'sum' (H*W times larger), got {reduction!r}")
     if f_s.ndim != 4 or f_t.ndim != 4: raise ValueError(f"at_loss: expects (N, C, H, W) maps, got {_shape(f_s)} and {_shape(f_t)}")
     if f_s.shape[2:] != f_t.shape[2:]:
         if not pool: raise ValueError(f"at_loss: spatial sizes differ, student {_shape(f_s)} vs teacher {_shape(f_t)}; pass pool=True to pool the larger map")
         hw = (min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3]))
         f_s, f_t = F.adaptive_avg_pool2d(f_s, hw), F.adaptive_avg_pool2d(f_t, hw)
     q = lambda f: F.normalize(f.abs().pow(p).sum(1).flatten(1), dim=1)
-    return (q(f_s) - q(f_t)).pow(2).sum(1).mean()
+    d = (q(f_s) - q(f_t)).pow(2)
+    return d.mean() if reduction == "mean" else d.sum(1).mean()
 
 # %% ../nbs/02_kd.ipynb #8c4bf09a
 def _pdist(e:Tensor)->Tensor:
@@ -298,36 +326,47 @@ def rkd_loss(f_s:Tensor,            # student embeddings (N, ...) (flattened)
              w_angle:float=50.0,    # weight of the angle term
             )->Tensor:              # scalar
     "Relational KD (distance + angle potentials, Huber loss)."
-    _check_batch(f_s, f_t, "rkd_loss")
+    _check_inputs("rkd_loss", f_s=f_s, f_t=f_t); _check_batch(f_s, f_t, "rkd_loss")
     if f_s.shape[0] < 3: raise ValueError(f"rkd_loss: needs at least 3 examples for angles, got N={f_s.shape[0]}")
     ds, as_ = _rkd_potentials(f_s.flatten(1)); dt, at = _rkd_potentials(f_t.flatten(1))
     return w_dist * F.smooth_l1_loss(ds, dt) + w_angle * F.smooth_l1_loss(as_, at)
 
 # %% ../nbs/02_kd.ipynb #a32970a1
-def pkt_loss(f_s:Tensor,        # student features (N, ...)
-             f_t:Tensor,        # teacher features (N, ...); widths may differ
-             eps:float=1e-7,    # numerical floor inside the log
-            )->Tensor:          # scalar >= 0
-    "Probabilistic KT: KL between cosine-kernel conditional distributions, averaged over anchors."
-    _check_batch(f_s, f_t, "pkt_loss")
+def pkt_loss(f_s:Tensor,             # student features (N, ...)
+             f_t:Tensor,             # teacher features (N, ...); widths may differ
+             eps:float=1e-7,         # numerical floor inside the log
+             self_pair:bool=True,    # keep i = j in each kernel row (authors' code); False: the paper's p_{i|j}, i != j
+             reduction:str="mean",   # 'mean' over the N*N entries (authors' code); 'batchmean': sum over i, mean over anchors
+            )->Tensor:               # scalar >= 0
+    "Probabilistic KT: KL between cosine-kernel conditional distributions; 'batchmean' is $N$ times 'mean'."
+    _check_inputs("pkt_loss", f_s=f_s, f_t=f_t); _check_batch(f_s, f_t, "pkt_loss")
+    if reduction not in ("mean", "batchmean"):
+        raise ValueError(f"pkt_loss: reduction must be 'mean' (authors' code) or 'batchmean' (N times larger), got {reduction!r}")
     def cond(f):
         a = F.normalize(f.flatten(1), dim=1)
-        k = ((a @ a.T + 1) / 2) * (1 - torch.eye(len(a), device=a.device, dtype=a.dtype))
+        k = (a @ a.T + 1) / 2
+        if not self_pair: k = k * (1 - torch.eye(len(a), device=a.device, dtype=a.dtype))
         return k / k.sum(1, keepdim=True).clamp_min(eps)
     ps, pt = cond(f_s), cond(f_t)
-    return (pt * torch.log((pt + eps) / (ps + eps))).sum(1).mean()
+    kl = pt * torch.log((pt + eps) / (ps + eps))
+    return kl.mean() if reduction == "mean" else kl.sum(1).mean()
 
 # %% ../nbs/02_kd.ipynb #245ee949
 def cc_loss(f_s:Tensor,             # student embeddings (N, ...)
             f_t:Tensor,             # teacher embeddings (N, ...); widths may differ
             gamma:float=0.4,        # RBF bandwidth gamma
             order:int|None=2,       # Taylor order P of the RBF approximation; None = exact RBF
+            normalize:bool=True,    # L2-normalise the embeddings first (the series is the RBF only on unit vectors)
            )->Tensor:               # scalar
-    "Correlation congruence: $\\frac1{N^2}\\lVert C^S-C^T\\rVert_F^2$ with a (Taylor-approximated) Gaussian RBF."
-    _check_batch(f_s, f_t, "cc_loss")
+    "Correlation congruence $\\frac1{N^2}\\lVert C^S-C^T\\rVert_F^2$; the default is `normalize=False` on unit-normalised inputs."
+    _check_inputs("cc_loss", f_s=f_s, f_t=f_t); _check_batch(f_s, f_t, "cc_loss")
     def corr(f):
-        a = F.normalize(f.flatten(1), dim=1); s = a @ a.T
-        if order is None: return torch.exp(-gamma * (2 - 2 * s))
+        a = f.flatten(1)
+        if normalize: a = F.normalize(a, dim=1)
+        s = a @ a.T
+        if order is None:
+            d2 = 2 - 2 * s if normalize else (a.pow(2).sum(1)[:, None] + a.pow(2).sum(1)[None] - 2 * s).clamp_min(0)
+            return torch.exp(-gamma * d2)
         return math.exp(-2 * gamma) * sum((2 * gamma) ** p / math.factorial(p) * s ** p for p in range(order + 1))
     return (corr(f_s) - corr(f_t)).pow(2).sum() / f_s.shape[0] ** 2
 
@@ -338,7 +377,7 @@ def nst_loss(f_s:Tensor,       # student maps (N, C_S, H, W)
              c:float=0.0,      # polynomial kernel offset c
             )->Tensor:         # scalar >= 0
     "Neuron selectivity transfer: polynomial-kernel MMD^2 between normalised channel activations."
-    _check_batch(f_s, f_t, "nst_loss")
+    _check_inputs("nst_loss", f_s=f_s, f_t=f_t); _check_batch(f_s, f_t, "nst_loss")
     if f_s.ndim != 4 or f_t.ndim != 4 or f_s.shape[2:] != f_t.shape[2:]:
         raise ValueError(f"nst_loss: expects (N, C, H, W) maps with the same H, W, got {_shape(f_s)} and {_shape(f_t)}; pool one of them first")
     s, t = F.normalize(f_s.flatten(2), dim=2), F.normalize(f_t.flatten(2), dim=2)
@@ -351,6 +390,7 @@ def fitnet_loss(f_s:Tensor,                    # student guided features, (N, C_
                 proj:nn.Module|None=None,      # regressor from student to teacher width (e.g. make_projection(C_S, C_T, 'conv'))
                )->Tensor:                      # scalar
     "FitNets hint loss: mean squared error between the regressed student features and the teacher's."
+    _check_inputs("fitnet_loss", f_s=f_s, f_t=f_t)
     if proj is not None: f_s = proj(f_s)
     _check_same(f_s, f_t, "fitnet_loss", "Pass proj=make_projection(C_S, C_T, 'conv') (or 'linear' for vectors).")
     return (f_s - f_t).pow(2).mean()

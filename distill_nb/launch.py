@@ -3,17 +3,19 @@
 # %% ../nbs/07_launch.ipynb #aa989c83
 """One launcher for every paper's full-scale run: `accelerate launch -m distill_nb.launch <paper> --config <yaml>`"""
 from __future__ import annotations
-import argparse, builtins, dataclasses, importlib, os, sys
+import argparse, builtins, copy, dataclasses, importlib, json, os, sys
 from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['LAUNCHERS', 'LaunchSpec', 'launcher', 'apply_overrides', 'make_accelerator', 'parse_args', 'close_distributed',
-           'LaunchError', 'run', 'main', 'launch_command', 'run_launch']
+__all__ = ['LAUNCHERS', 'USER_ERRORS', 'LaunchSpec', 'launcher', 'apply_overrides', 'make_accelerator', 'split_batch',
+           'weight_dtype', 'freeze', 'StreamSampler', 'StepLoader', 'accumulation_step', 'parse_args',
+           'close_distributed', 'LaunchError', 'run', 'main', 'launch_command', 'run_launch']
 
 # %% ../nbs/07_launch.ipynb #5723add1
 import torch
-from .core import Config, ConfigError, CheckpointError, NonFiniteLossError
+from .core import (Config, ConfigError, CheckpointError, NonFiniteLossError, NotWritableError, Checkpointer,
+                            read_yaml, check_writable, check_resume, run_config)
 from .records import PAPERS, load_paper, PaperNotAvailable
 
 # %% ../nbs/07_launch.ipynb #c010b134
@@ -37,19 +39,105 @@ def launcher(paper:str, config_cls:type):
 def apply_overrides(d:dict, sets:list[str])->dict:
     "Apply `key=value` (dotted keys, YAML values) overrides to a config dict."
     import yaml
-    d = dict(d)
+    d = copy.deepcopy(d)
     for s in sets or []:
-        if "=" not in s: raise ConfigError(f"--set expects key=value, got {s!r}")
-        k, v = s.split("=", 1); node = d; parts = k.split(".")
-        for p in parts[:-1]: node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(v)
+        k, eq, v = s.partition("=")
+        if not eq or not k.strip(): raise ConfigError(f"--set expects KEY=VALUE, got {s!r}; write it like --set steps=100")
+        try: val = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {s}: the value is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}); quote it or fix it") from None
+        node, parts = d, k.split(".")
+        for i, p in enumerate(parts[:-1]):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                head = ".".join(parts[:i + 1])
+                raise ConfigError(f"--set {s}: {head} is {node!r}, not a mapping with a key {parts[i + 1]!r}; write --set {head}=VALUE")
+        node[parts[-1]] = val
     return d
 
-def make_accelerator(mixed_precision:str="no", **kw):
-    "An `Accelerator` on the GPUs if there are any, else on CPU (gloo for multi-process)."
+def make_accelerator(mixed_precision:str="no",       # "no", "bf16" (GPU or CPU) or "fp16" (GPU only)
+                     gradient_accumulation_steps:int=1, # micro-batches per optimiser step, for `accelerator.accumulate`
+                     **kw):
+    "An `Accelerator` on the GPUs if there are any, else on CPU (gloo for multi-process); bf16 autocast runs on both."
     from accelerate import Accelerator
     cpu = not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else mixed_precision, **kw)
+    if cpu and mixed_precision == "fp16":    # checked before any process group is set up
+        raise ConfigError("mixed_precision fp16 needs a GPU (its loss scaling is CUDA's); on CPU set mixed_precision to bf16 or no")
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kw)
+
+# %% ../nbs/07_launch.ipynb #e9a1c002
+def split_batch(global_batch:int,          # the config's batch_size: examples per optimisation step, all processes together
+                accumulation:int=1,         # gradient_accumulation_steps
+                num_processes:int|None=None, # default: $WORLD_SIZE (set by torchrun and accelerate launch), else 1
+               )->int:                      # the per-device micro-batch
+    "The per-device micro-batch of `global_batch` = micro-batch × `accumulation` × processes; a `ConfigError` if it does not divide."
+    n = int(os.environ.get("WORLD_SIZE", "1")) if num_processes is None else num_processes
+    k = n * accumulation
+    if global_batch % k:
+        lo = global_batch // k * k; fix = f"{lo} or {lo + k}" if lo else str(k)
+        raise ConfigError(f"batch_size {global_batch} does not split over {n} process(es) × {accumulation} accumulation step(s), "
+                          f"it must be a multiple of {k}; set batch_size to {fix}, or change gradient_accumulation_steps")
+    return global_batch // k
+
+# %% ../nbs/07_launch.ipynb #e9a1c005
+def weight_dtype(acc)->torch.dtype:
+    "The dtype of frozen weights under `acc`'s mixed precision: bf16 or fp16, else float32."
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision), torch.float32)
+
+def freeze(model:torch.nn.Module, acc)->torch.nn.Module:
+    "A frozen model (eval, no grads) on `acc.device` in `weight_dtype(acc)`; not prepared, so never wrapped in DDP."
+    return model.eval().requires_grad_(False).to(acc.device, weight_dtype(acc))
+
+# %% ../nbs/07_launch.ipynb #e9a1c008
+class StreamSampler(torch.utils.data.Sampler):
+    "Endless indices of `range(n)`: epoch `e` is a permutation seeded by `seed + e`; iteration starts at stream position `start`."
+    def __init__(self, n:int, seed:int=0, start:int=0): self.n, self.seed, self.start = n, seed, start
+    def __iter__(self):
+        e, off = divmod(self.start, self.n)
+        while True:
+            yield from torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))[off:].tolist()
+            e, off = e + 1, 0
+
+# %% ../nbs/07_launch.ipynb #e9a1c011
+class StepLoader:
+    "Micro-batches by optimisation step from a prepared `DataLoader` over a `StreamSampler`, restartable at any step (resume)."
+    def __init__(self, dataset, # a map-style dataset (decoding and augmentation run in the workers)
+                 acc,                 # the `Accelerator`: processes, accumulation steps, device
+                 global_batch:int,    # examples per optimisation step, all processes together
+                 seed:int=0,          # seeds the order (and the workers)
+                 num_workers:int=2,   # loader worker processes; 0 loads in the training process
+                 **kw):               # passed on to `DataLoader` (collate_fn, ...)
+        self.global_batch, self.accumulation = global_batch, acc.gradient_accumulation_steps
+        self.micro = split_batch(global_batch, self.accumulation, acc.num_processes)
+        self.sampler = StreamSampler(len(dataset), seed)
+        dl = torch.utils.data.DataLoader(dataset, self.micro, sampler=self.sampler, drop_last=True, num_workers=num_workers,
+                                         pin_memory=acc.device.type == "cuda", generator=torch.Generator().manual_seed(seed), **kw)
+        self.dl, self._it, self._next = acc.prepare(dl), None, None
+
+    def __call__(self, step:int):
+        "This process's micro-batches of optimisation step `step` (a generator of `accumulation` batches)."
+        if step != self._next: self.close(); self.sampler.start = step * self.global_batch; self._it = iter(self.dl)
+        self._next = step + 1
+        return (next(self._it) for _ in range(self.accumulation))
+
+    def close(self):
+        "Stop the workers (the stream never ends by itself)."
+        if self._it is not None: self._it.close(); self.dl.end(); self._it = self._next = None
+
+# %% ../nbs/07_launch.ipynb #e9a1c013
+def accumulation_step(acc, model, opt, batches, # `StepLoader(step)`: this process's micro-batches of one step
+                      loss_fn:Callable,        # batch -> scalar loss (runs under `acc.autocast()`)
+                     )->torch.Tensor:          # the mean loss over micro-batches and processes
+    "One optimisation step: each micro-batch under `acc.accumulate(model)`, gradients synchronised and applied on the last."
+    losses = []
+    for b in batches:
+        with acc.accumulate(model):
+            with acc.autocast(): loss = loss_fn(b)
+            acc.backward(loss); opt.step(); opt.zero_grad()
+        losses.append(loss.detach().float())
+    if not acc.sync_gradients:
+        raise RuntimeError(f"accumulation_step: {len(losses)} micro-batches is not a whole step of {acc.gradient_accumulation_steps}")
+    return acc.reduce(torch.stack(losses).mean(), "mean")
 
 # %% ../nbs/07_launch.ipynb #09a16ee5
 def parse_args(argv:list[str]|None=None):
@@ -62,9 +150,13 @@ def parse_args(argv:list[str]|None=None):
     p.add_argument("--config", required=True, type=Path, help="YAML config read by the paper's Config class")
     p.add_argument("--out", type=Path, default=None, help="output/checkpoint directory (default: runs/<paper>/<config name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out (they are kept)")
+    p.add_argument("--no-resume", action="store_true", help="write to a new folder next to --out (its checkpoints are kept)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="let a resume change KEY (only keys the config declares safe, e.g. steps); repeatable or comma-separated")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p.parse_args(argv)
 
+# %% ../nbs/07_launch.ipynb #e1a2b3d1
 def close_distributed():
     "Barrier, then destroy the process group (if any): gloo processes that exit without this can die with SIGABRT."
     import torch.distributed as dist
@@ -73,10 +165,31 @@ def close_distributed():
 class LaunchError(RuntimeError):
     "A launch that cannot start: unknown paper, missing config file, no launcher."
 
+USER_ERRORS = (LaunchError, ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, NotWritableError)
+
+def _allowed(cls:type, keys:list[str])->tuple[str, ...]:
+    "The `--allow-change` keys, each a field of `cls` that `cls.resume_safe` declares safe."
+    ks = tuple(k.strip() for s in keys for k in s.split(",") if k.strip()); names = [f.name for f in dataclasses.fields(cls)]
+    for k in ks:
+        if k not in names: raise ConfigError(f"--allow-change {k}: {cls.__name__} has no key {k!r}; valid keys: {', '.join(names)}")
+        if k not in cls.resume_safe:
+            raise ConfigError(f"--allow-change {k}: {k} is not safe to change on resume; {cls.__name__} allows only: "
+                              f"{', '.join(cls.resume_safe) or 'none'} (use --no-resume or a new --out)")
+    return ks
+
+def _resume_guard(out:Path, cfg:Config, allow:tuple):
+    "Before any compute: the newest checkpoint of each folder under `out` written for this config class must match `cfg`."
+    if not out.is_dir(): return
+    for root in sorted({p.parent.parent for p in out.rglob("checkpoint-*/state.json")}):
+        ps = Checkpointer(root).all()
+        try: state = json.loads((ps[-1]/"state.json").read_text()) if ps else {}
+        except (OSError, ValueError): continue              # fit reports an unreadable checkpoint
+        if state.get("config_class") == type(cfg).__name__: check_resume(state, cfg, allow, ps[-1])
+
+# %% ../nbs/07_launch.ipynb #e1a2b3d2
 def run(argv:list[str]|None=None)->dict:
-    "Parse the command line, validate the config and run the paper's launcher (errors are raised)."
-    import yaml
-    a = parse_args(argv)
+    "Parse the command line, validate everything (config, `--allow-change`, output folder, resume) and run the paper's launcher."
+    a = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     if a.paper not in PAPERS: raise LaunchError(f"unknown paper {a.paper!r}; valid papers: {', '.join(PAPERS)}")
     try: load_paper(a.paper)
     except PaperNotAvailable as e: raise LaunchError(str(e)) from None
@@ -85,20 +198,25 @@ def run(argv:list[str]|None=None)->dict:
         raise LaunchError(f"paper {a.paper!r} has no full-scale launcher in this version; papers with one: {', '.join(registry) or 'none'}")
     spec = registry[a.paper]
     if not a.config.exists(): raise LaunchError(f"config file {a.config} does not exist; the shipped ones are under configs/{a.paper}/")
-    cfg = spec.config_cls.from_dict(apply_overrides(yaml.safe_load(a.config.read_text()) or {}, a.set),
-                                    _where=f"{spec.config_cls.__name__} ({a.config.name})")
+    cfg = spec.config_cls.from_dict(apply_overrides(read_yaml(a.config), a.set), _where=f"{spec.config_cls.__name__} ({a.config.name})")
+    allow = _allowed(spec.config_cls, a.allow_change)
     out = a.out or Path("runs")/a.paper/a.config.stem
     if a.no_resume and out.exists():
-        import time; out = out.with_name(out.name + time.strftime("-%Y%m%d-%H%M%S"))
-    result = spec.fn(cfg, out)
+        import time; old, out = out, out.with_name(out.name + time.strftime("-%Y%m%d-%H%M%S"))
+        if os.environ.get("RANK", "0") == "0": print(f"--no-resume: writing to the new folder {out} ({old} is kept)", file=sys.stderr)
+    check_writable(out)
+    if not a.no_resume: _resume_guard(out, cfg, allow)
+    with run_config(cfg, allow): result = spec.fn(cfg, out)
     close_distributed()      # only after success: tearing down while another rank is mid-collective would hang it
     return result
 
 def main(argv:list[str]|None=None):
-    "Entry point of `python -m distill_nb.launch`: `run`, with the expected errors shown as one clear line."
-    try: return run(argv)
-    except (LaunchError, ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
-        sys.exit(f"distill_nb.launch: {type(e).__name__}: {e}")
+    "Entry point of `python -m distill_nb.launch`: `run`; a user error prints `error: <what>; <how to fix>` and exits 2."
+    a = parse_args(argv)
+    try: return run(a)
+    except USER_ERRORS as e:
+        if a.debug: raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr); sys.exit(2)
 
 # %% ../nbs/07_launch.ipynb #4fcd773a
 def launch_command(paper:str, config:str|Path, out:str|Path, n_procs:int=2, sets:list[str]=()) -> list[str]:

@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['PAPERS', 'EXPERIMENTS', 'BENCHMARKS', 'VERDICTS', 'ExperimentSpec', 'experiment', 'PaperNotAvailable', 'load_paper',
-           'available_papers', 'get_experiments', 'benchmark', 'get_benchmarks', 'versions', 'verdict_from', 'Record',
-           'results_dir', 'write_record', 'load_record', 'load_records', 'run_experiment', 'md_table', 'records_table',
-           'render_results', 'show_records', 'notebook_markdown']
+__all__ = ['PAPERS', 'EXPERIMENTS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 'FAILED', 'ExperimentSpec', 'experiment',
+           'PaperNotAvailable', 'load_paper', 'available_papers', 'get_experiments', 'benchmark', 'get_benchmarks',
+           'Check', 'claim', 'claim_test', 'guard', 'power_gate', 'seeds_gate', 'is_legacy', 'verdict_from', 'versions',
+           'Record', 'results_dir', 'write_record', 'load_record', 'load_records', 'protocol_file', 'protocol',
+           'preregistered', 'code_hash', 'record_status', 'GuardFailed', 'run_experiment', 'jobs', 'run_parallel',
+           'md_table', 'verdict_cell', 'time_cell', 'records_table', 'checks_table', 'record_markdown',
+           'render_results', 'show_experiment', 'show_records', 'notebook_markdown', 'output_problems', 'fill_outputs']
 
 # %% ../nbs/05_records.ipynb #c0611ab8
-from .core import atomic_write_json, repo_root
+import numpy as np
+from .core import atomic_write_json, repo_root, config_hash
 
 # %% ../nbs/05_records.ipynb #5f3270ce
 PAPERS = {  # key -> (module, citation)
@@ -29,15 +33,15 @@ PAPERS = {  # key -> (module, citation)
 @dataclasses.dataclass
 class ExperimentSpec:
     "A registered experiment: `fn(scale='quick', seeds=None) -> Record`."
-    paper: str; name: str; fn: Callable; desc: str = ""; ci: bool = True
+    paper: str; name: str; fn: Callable; desc: str = ""; ci: bool = True; min_seeds: int = 1
 
 EXPERIMENTS: dict[tuple[str, str], ExperimentSpec] = {}
 
-def experiment(paper:str, name:str, desc:str="", ci:bool=True):
-    "Decorator registering an experiment function under (`paper`, `name`)."
+def experiment(paper:str, name:str, desc:str="", ci:bool=True, min_seeds:int=1):
+    "Decorator registering an experiment function under (`paper`, `name`); `min_seeds`: fewer `--seeds` are refused before compute."
     if paper not in PAPERS: raise KeyError(f"unknown paper {paper!r}; valid papers: {', '.join(PAPERS)}")
     def deco(fn):
-        EXPERIMENTS[(paper, name)] = ExperimentSpec(paper, name, fn, desc or (fn.__doc__ or "").strip().split("\n")[0], ci)
+        EXPERIMENTS[(paper, name)] = ExperimentSpec(paper, name, fn, desc or (fn.__doc__ or "").strip().split("\n")[0], ci, min_seeds)
         return fn
     return deco
 
@@ -46,13 +50,16 @@ class PaperNotAvailable(ImportError):
     "A paper whose module is not part of this version of the package."
 
 def load_paper(paper:str):
-    "Import a paper's module (which registers its experiments and launchers)."
+    "Import a paper's module (which registers its experiments), and its `<module>_full` launcher module if it has one."
     if paper not in PAPERS: raise KeyError(f"unknown paper {paper!r}; valid papers: {', '.join(PAPERS)}")
     mod = PAPERS[paper][0]
-    try: return importlib.import_module(mod)
+    try: m = importlib.import_module(mod)
     except ModuleNotFoundError as e:
         if e.name == mod: raise PaperNotAvailable(f"paper {paper!r} ({mod}) is not implemented in this version yet") from None
         raise
+    from importlib.util import find_spec
+    if find_spec(mod + "_full") is not None: importlib.import_module(mod + "_full")
+    return m
 
 def available_papers()->list[str]:
     "Papers whose module is importable in this version."
@@ -83,9 +90,103 @@ def get_benchmarks(paper:str|None=None)->list[ExperimentSpec]:
     for p in ([paper] if paper else available_papers()): load_paper(p)
     return [s for (p, _), s in BENCHMARKS.items() if paper is None or p == paper]
 
-# %% ../nbs/05_records.ipynb #57b5bff4
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced")
+# %% ../nbs/05_records.ipynb #b2c0a002
+ROLES = ("claim", "guard", "power")
+VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "inconclusive")
+FAILED = "failed guard"
 
+@dataclasses.dataclass
+class Check:
+    "One check on a record's measurements: its role, whether it holds, and the evidence behind it."
+    role: str                        # 'claim', 'guard' or 'power'
+    passed: bool                     # whether it holds (a secondary claim with a p-value: before Holm's correction)
+    primary: bool = False            # the one claim that decides the verdict
+    post_hoc: bool = False           # chosen after seeing results: reported, never raises a verdict
+    effect: float|None = None        # measured effect (claims), in `unit`
+    lo: float|None = None            # its interval
+    hi: float|None = None
+    n: int|None = None               # seeds (or units) behind it
+    p: float|None = None             # one-sided p-value
+    p_holm: float|None = None        # Holm-adjusted over the secondary claims (filled in by the verdict)
+    alpha: float = 0.05
+    value: float|None = None         # a power gate's or guard's measured figure
+    threshold: float|None = None     # ... and the bound it must meet
+    at_most: bool = False            # the value must be <= the threshold (else >=)
+    unit: str = ""
+    note: str = ""                   # what it means, or what it would take when it fails
+
+    def __post_init__(self):
+        if self.role not in ROLES: raise ValueError(f"check role must be one of {ROLES}, got {self.role!r}")
+        if self.primary and self.role != "claim": raise ValueError(f"only a claim can be primary, not a {self.role}")
+        self.passed = bool(self.passed)
+
+    @property
+    def holds(self)->bool:
+        "Passed; for a secondary claim with a p-value, also after Holm's correction."
+        if self.role == "claim" and not self.primary and self.p_holm is not None: return self.passed and self.p_holm <= self.alpha
+        return self.passed
+
+# %% ../nbs/05_records.ipynb #b2c0a004
+def claim(passed:bool, primary:bool=False, post_hoc:bool=False, **kw)->Check:
+    "A claim check."
+    return Check("claim", passed, primary, post_hoc, **kw)
+
+def claim_test(t, primary:bool=False, post_hoc:bool=False, unit:str="", note:str="")->Check:
+    "A claim decided by a `stats.SignFlipTest` (effect, interval, n and p go into the check)."
+    return Check("claim", t.passed, primary, post_hoc, effect=t.effect, lo=t.lo, hi=t.hi, n=t.n, p=t.p, alpha=t.alpha,
+                 unit=unit, note=note or f"exact one-sided sign-flip test, {t.n} paired seeds (needs >= {t.min_n})")
+
+def guard(passed:bool, note:str="", value:float|None=None, threshold:float|None=None, unit:str="")->Check:
+    "A guard: the code behaves. A failing guard fails the run."
+    return Check("guard", passed, value=value, threshold=threshold, unit=unit, note=note)
+
+def power_gate(value:float, threshold:float, at_most:bool=False, note:str="", unit:str="", post_hoc:bool=False)->Check:
+    "A power gate: `value >= threshold` (or `<=` with `at_most`)."
+    ok = bool(np.isfinite(value) and (value <= threshold if at_most else value >= threshold))
+    return Check("power", ok, post_hoc=post_hoc, value=float(value), threshold=float(threshold), at_most=at_most, unit=unit, note=note)
+
+def seeds_gate(pilot_sd:float, n:int, sesoi:float, alpha:float=0.05, power:float=0.8, unit:str="")->Check:
+    "Power gate of a paired claim: the minimum detectable effect of `n` seeds <= the smallest effect of interest."
+    from distill_nb.stats import min_detectable_effect, seeds_needed
+    mde = min_detectable_effect(n, pilot_sd, alpha, power)
+    try: need = seeds_needed(sesoi, pilot_sd, alpha, power)
+    except ValueError as e: need = str(e)
+    return power_gate(mde, sesoi, at_most=True, unit=unit,
+                      note=f"minimum detectable effect at {n} seeds (power {power}, pilot sd {pilot_sd:.3g}) vs the "
+                           f"pre-registered smallest effect of interest {sesoi:g}; {need} seeds would reach it")
+
+# %% ../nbs/05_records.ipynb #b2c0a005
+def _as_check(v)->Check:
+    if isinstance(v, Check): return v
+    if isinstance(v, dict): return Check(**v)
+    raise TypeError(f"a check must be a Check or its dict, got {type(v).__name__}")
+
+def is_legacy(checks:dict)->bool:
+    "Checks written before roles existed: plain booleans."
+    return bool(checks) and all(isinstance(v, (bool, np.bool_)) for v in checks.values())
+
+def _legacy_verdict(checks:dict)->str:
+    n = sum(bool(v) for v in checks.values())
+    return VERDICTS[0] if n == len(checks) else VERDICTS[2] if n == 0 else VERDICTS[1]
+
+def verdict_from(checks:dict)->str:
+    "The verdict that follows from role-tagged checks (see the table above); plain booleans get the legacy rule."
+    if not checks: raise ValueError("a verdict needs at least one check")
+    if is_legacy(checks): return _legacy_verdict(checks)
+    from distill_nb.stats import holm
+    cs = {k: _as_check(v) for k, v in checks.items()}
+    if any(not c.passed for c in cs.values() if c.role == "guard"): return FAILED
+    active = [c for c in cs.values() if not c.post_hoc]
+    prim = [c for c in active if c.role == "claim" and c.primary]
+    if len(prim) != 1: raise ValueError(f"a record needs exactly one primary claim that is not post hoc, got {len(prim)}")
+    sec = [c for c in active if c.role == "claim" and not c.primary and c.p is not None]
+    for c, ph in zip(sec, holm([c.p for c in sec]) if sec else []): c.p_holm = float(ph)
+    gates = [c for c in active if c.role == "power"]
+    if any(not c.passed for c in gates): return "inconclusive"
+    if not prim[0].holds: return "not reproduced" if gates else "inconclusive"
+    return "reproduced" if all(c.holds for c in active if c.role == "claim") else "partly reproduced"
+
+# %% ../nbs/05_records.ipynb #57b5bff4
 def versions()->dict:
     "Versions of Python and the packages that decide the numbers."
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -93,12 +194,6 @@ def versions()->dict:
         try: out[m] = importlib.import_module(m).__version__
         except Exception: pass
     return out
-
-def verdict_from(checks:dict[str, bool])->str:
-    "'reproduced' if every check holds, 'not reproduced' if none does, else 'partly reproduced'."
-    if not checks: raise ValueError("a verdict needs at least one check")
-    n = sum(bool(v) for v in checks.values())
-    return VERDICTS[0] if n == len(checks) else VERDICTS[2] if n == 0 else VERDICTS[1]
 
 # %% ../nbs/05_records.ipynb #e7d01cd2
 @dataclasses.dataclass
@@ -108,7 +203,7 @@ class Record:
     experiment: str
     claim: str                                   # the paper's claim, in one sentence
     metrics: dict                                # everything measured (JSON-able)
-    checks: dict                                 # name -> bool, the tests of the claim on `metrics`
+    checks: dict                                 # name -> Check (role-tagged), or name -> bool in legacy records
     summary: str = ""                            # one line of our numbers, formatted from `metrics` by code
     paper_numbers: dict = dataclasses.field(default_factory=dict)  # the paper's own numbers (with provenance)
     paper_summary: str = ""                      # one line of the paper's numbers
@@ -118,17 +213,26 @@ class Record:
     table: list = dataclasses.field(default_factory=list)    # optional rows (dicts) for a detailed table
     figures: list = dataclasses.field(default_factory=list)  # figure files, relative to the results dir
     notes: str = ""
-    wall_time_s: float = 0.0
+    wall_time_s: float = 0.0                     # warm: caches and fixtures in place
+    cold_time_s: float|None = None               # cold: empty DISTILL_NB_HOME and fixtures bypassed (None: not measured)
+    protocol: dict = dataclasses.field(default_factory=dict)  # the pre-registered protocol (configs/<paper>/protocol.yaml)
+    protocol_hash: str = ""
+    code_hash: str = ""                          # sha256 of the paper module's exported source when it ran
+    runtime: dict = dataclasses.field(default_factory=dict)   # jobs, processes: how it ran (never a metric)
     versions: dict = dataclasses.field(default_factory=versions)
     created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     verdict: str = ""
     figs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> matplotlib Figure, saved by write_record
 
     def __post_init__(self):
+        if not is_legacy(self.checks): self.checks = {k: _as_check(v) for k, v in self.checks.items()}
         computed = verdict_from(self.checks)
-        if self.verdict and self.verdict != computed:
+        if self.verdict and self.verdict.removeprefix("legacy: ") != computed:
             raise ValueError(f"record {self.paper}/{self.experiment}: verdict {self.verdict!r} does not follow from its checks ({computed!r})")
         self.verdict = computed
+
+    @property
+    def legacy(self)->bool: return is_legacy(self.checks)
 
     def to_dict(self)->dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "figs"}
@@ -136,6 +240,7 @@ class Record:
 
 def _json_default(o):
     import numpy as np
+    if dataclasses.is_dataclass(o): return dataclasses.asdict(o)
     if isinstance(o, np.generic): return o.item()
     if isinstance(o, np.ndarray): return o.tolist()
     if hasattr(o, "tolist"): return o.tolist()
@@ -144,10 +249,10 @@ def _json_default(o):
 
 # %% ../nbs/05_records.ipynb #f7ad2e7c
 def results_dir()->Path:
-    "Where records live: `$DISTILL_NB_RESULTS`, else `<repo>/results` for a source checkout, else `./results`."
+    "Where records live: `$DISTILL_NB_RESULTS`, else `<repo>/results` when working inside the source checkout, else `./results`."
     if p := os.environ.get("DISTILL_NB_RESULTS"): return Path(p)
-    r = repo_root()
-    return (r/"results") if r is not None else Path.cwd()/"results"
+    r, cwd = repo_root(), Path.cwd().resolve()
+    return (r/"results") if r is not None and (cwd == r or r in cwd.parents) else cwd/"results"
 
 def write_record(rec:Record, root:str|Path|None=None)->Path:
     "Write `rec` to `<root>/<paper>/<experiment>.json` atomically, its figures beside it as PNG."
@@ -172,13 +277,137 @@ def load_records(paper:str|None=None, root:str|Path|None=None)->list[Record]:
         for f in sorted((root/pp).glob("*.json")): out.append(load_record(pp, f.stem, root))
     return out
 
+# %% ../nbs/05_records.ipynb #b2c0a011
+def protocol_file(paper:str)->Path:
+    "`configs/<paper>/protocol.yaml` of the source checkout (else of the working directory)."
+    r = repo_root(); return (r if r is not None else Path.cwd())/"configs"/paper/"protocol.yaml"
+
+def protocol(paper:str, name:str, path:str|Path|None=None)->dict:
+    "The pre-registered protocol of experiment `paper:name` (a mapping with at least `primary`, `test`, `sesoi`, `seeds`)."
+    import yaml
+    p = Path(path or protocol_file(paper))
+    if not p.exists(): raise FileNotFoundError(f"no protocol file {p}; write the protocol of {paper}:{name} there and commit it before running")
+    d = yaml.safe_load(p.read_text()) or {}
+    if name not in d: raise KeyError(f"{p} has no protocol for {name!r}; it has {sorted(d)}")
+    e = d[name]; missing = [k for k in ("primary", "test", "sesoi", "seeds") if k not in e]
+    if missing: raise ValueError(f"protocol {paper}:{name} in {p} lacks {missing}")
+    if set(e.get("pilot_seeds", [])) & set(e["seeds"]): raise ValueError(f"protocol {paper}:{name}: pilot seeds overlap the final seeds")
+    return e
+
+# %% ../nbs/05_records.ipynb #b2c0a012
+def _git(root:Path, *args)->str:
+    import subprocess
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+def _first_commit_with(root:Path, rel:str, pred:Callable[[str], bool])->str|None:
+    "The oldest commit whose version of `rel` satisfies `pred`."
+    for c in _git(root, "log", "--reverse", "--format=%H", "--", rel).split():
+        try: txt = _git(root, "show", f"{c}:{rel}")
+        except Exception: continue
+        if pred(txt): return c
+    return None
+
+def preregistered(paper:str, name:str, root:str|Path|None=None)->tuple[bool, str]:
+    "Whether the committed record's protocol was committed in an earlier commit (an ancestor) than the record."
+    import yaml
+    root = Path(root or repo_root() or "."); rec_rel, pro_rel = f"results/{paper}/{name}.json", f"configs/{paper}/protocol.yaml"
+    try: h = json.loads(_git(root, "show", f"HEAD:{rec_rel}")).get("protocol_hash")
+    except Exception: return False, f"{rec_rel} is not committed"
+    if not h: return False, f"{rec_rel} has no protocol"
+    c_rec = _first_commit_with(root, rec_rel, lambda t: json.loads(t).get("protocol_hash") == h)
+    c_pro = _first_commit_with(root, pro_rel, lambda t: config_hash((yaml.safe_load(t) or {}).get(name)) == h)
+    if c_pro is None: return False, f"no commit of {pro_rel} has the protocol {h} of the record"
+    if c_pro == c_rec: return False, f"the protocol {h} and the record were first committed together ({c_rec[:8]}): commit the protocol first"
+    import subprocess
+    anc = subprocess.run(["git", "-C", str(root), "merge-base", "--is-ancestor", c_pro, c_rec]).returncode == 0
+    return (True, f"protocol {h} committed in {c_pro[:8]}, before the record ({c_rec[:8]})") if anc else \
+           (False, f"the protocol commit {c_pro[:8]} is not an ancestor of the record's {c_rec[:8]}")
+
+# %% ../nbs/05_records.ipynb #b2c0a016
+def _module_file(paper:str)->Path:
+    import importlib.util
+    return Path(importlib.util.find_spec(PAPERS[paper][0]).origin)
+
+def code_hash(paper:str)->str:
+    "12 hex characters of the sha256 of the paper module's exported source (read, not imported)."
+    import hashlib
+    return hashlib.sha256(_module_file(paper).read_bytes()).hexdigest()[:12]
+
+def record_status(rec:Record)->str:
+    "'current', 'stale: ...' (the module or the protocol changed) or 'legacy' (written before roles and hashes)."
+    if rec.legacy or not rec.code_hash: return "legacy"
+    if rec.code_hash != code_hash(rec.paper): return f"stale: distill_nb/{rec.paper}.py changed since the record was made"
+    if rec.protocol_hash:
+        try: cur = config_hash(protocol(rec.paper, rec.experiment))
+        except (FileNotFoundError, KeyError): cur = None
+        if cur != rec.protocol_hash: return "stale: its protocol changed since the record was made"
+    return "current"
+
 # %% ../nbs/05_records.ipynb #af1939ce
-def run_experiment(spec:ExperimentSpec, scale:str="quick", root:str|Path|None=None, **kw)->Record:
-    "Run one registered experiment, time it and write its record."
-    t0 = time.time(); rec = spec.fn(scale=scale, **kw)
+class GuardFailed(RuntimeError):
+    "A guard of an experiment failed: the code misbehaved, so there is no verdict."
+
+def _previous_cold(rec:Record, root)->float|None:
+    try: old = load_record(rec.paper, rec.experiment, root)
+    except Exception: return None
+    same = old.code_hash == rec.code_hash and old.protocol_hash == rec.protocol_hash
+    return old.cold_time_s if same else None
+
+def run_experiment(spec:ExperimentSpec, scale:str="quick", root:str|Path|None=None, cold:bool=False, **kw)->Record:
+    "Run one registered experiment, time it and write its record (`cold`: empty home, fixtures bypassed)."
+    import tempfile
+    _PIDS.clear(); env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="distill_nb-cold-") as home:
+        if cold: os.environ.update(DISTILL_NB_HOME=home, DISTILL_NB_NO_FIXTURES="1")
+        try: t0 = time.time(); rec = spec.fn(scale=scale, **kw); dt = round(time.time() - t0, 2)
+        finally: os.environ.clear(); os.environ.update(env)
     if not isinstance(rec, Record): raise TypeError(f"{spec.paper}:{spec.name} returned {type(rec).__name__}, not a Record")
-    rec.wall_time_s = round(time.time() - t0, 2); rec.scale = scale
+    if rec.verdict == FAILED:
+        bad = [f"{k} ({c.note})" if c.note else k for k, c in rec.checks.items() if c.role == "guard" and not c.passed]
+        raise GuardFailed(f"{spec.paper}:{spec.name}: guard failed: {'; '.join(bad)}; the record was not written")
+    rec.scale, rec.code_hash = scale, code_hash(spec.paper)
+    rec.runtime = {"jobs": jobs(), "processes": max(1, len(_PIDS))}
+    if cold: rec.cold_time_s, rec.wall_time_s = dt, _previous_warm(rec, root) or dt
+    else: rec.wall_time_s, rec.cold_time_s = dt, _previous_cold(rec, root)
     write_record(rec, root); return rec
+
+def _previous_warm(rec:Record, root)->float|None:
+    try: old = load_record(rec.paper, rec.experiment, root)
+    except Exception: return None
+    return old.wall_time_s if old.code_hash == rec.code_hash and old.protocol_hash == rec.protocol_hash else None
+
+# %% ../nbs/05_records.ipynb #b2c0a019
+_PIDS: set = set()   # worker processes seen since the last run_experiment (for the record's runtime)
+
+def jobs()->int:
+    "Parallel workers: `$DISTILL_NB_JOBS`, else the number of cores."
+    return max(1, int(os.environ.get("DISTILL_NB_JOBS") or os.cpu_count() or 1))
+
+def _call(args):
+    fn, i, item, threads = args
+    import torch; torch.set_num_threads(threads); os.environ["DISTILL_NB_PROGRESS"] = "0"
+    t0 = time.time(); out = fn(item)
+    return i, out, os.getpid(), time.time() - t0
+
+def _say(desc, done, n, item, sec, pid):
+    if os.environ.get("DISTILL_NB_PROGRESS", "1") != "0":
+        print(f"  {desc or 'item'} {done}/{n}: {item!r} done in {sec:.1f} s (pid {pid})", file=sys.stderr, flush=True)
+
+def run_parallel(fn:Callable, items:list, jobs_:int|None=None, threads:int=1, desc:str|None=None)->list:
+    "`[fn(x) for x in items]`, computed in `jobs_` forked processes with `threads` torch threads each."
+    import torch, multiprocessing as mp
+    items = list(items); j = min(jobs_ or jobs(), len(items)) or 1; out = [None] * len(items)
+    if j == 1:
+        old = torch.get_num_threads(); torch.set_num_threads(threads)
+        try:
+            for i, x in enumerate(items):
+                _, out[i], pid, sec = _call((fn, i, x, threads)); _PIDS.add(pid); _say(desc, i + 1, len(items), x, sec, pid)
+        finally: torch.set_num_threads(old)
+        return out
+    with mp.get_context("fork").Pool(j) as pool:
+        for done, (i, r, pid, sec) in enumerate(pool.imap_unordered(_call, [(fn, i, x, threads) for i, x in enumerate(items)]), 1):
+            out[i] = r; _PIDS.add(pid); _say(desc, done, len(items), items[i], sec, pid)
+    return out
 
 # %% ../nbs/05_records.ipynb #60bfddd7
 def _md_escape(s:str)->str: return str(s).replace("|", "\\|").replace("\n", " ")
@@ -192,14 +421,65 @@ def md_table(rows:list[dict], cols:list[str]|None=None)->str:
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
+def _g(v)->str: return "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+def _gate_text(c:Check)->str:
+    if c.value is None: return ""
+    if c.threshold is None: return f"{_g(c.value)}{(' ' + c.unit) if c.unit else ''}"
+    op = ("≤" if c.passed else ">") if c.at_most else ("≥" if c.passed else "<")
+    return f"{_g(c.value)} {op} {_g(c.threshold)}{(' ' + c.unit) if c.unit else ''}"
+
+def verdict_cell(r:Record)->str:
+    "The verdict with its seeds and its first power gate (legacy records say so)."
+    if r.legacy: return f"legacy verdict: **{r.verdict}** ({len(r.seeds)} seeds)"
+    gates = [(k, c) for k, c in r.checks.items() if c.role == "power" and not c.post_hoc]
+    g = "; ".join(f"{k}: {_gate_text(c)}" for k, c in gates[:1])
+    return f"**{r.verdict}** ({len(r.seeds)} seeds{'; ' + g if g else ''})"
+
+def time_cell(r:Record)->str:
+    "Warm / cold seconds."
+    return f"{r.wall_time_s:.0f} / {'—' if r.cold_time_s is None else f'{r.cold_time_s:.0f}'}"
+
 def records_table(recs:list[Record])->str:
     "The results table: one row per experiment, our numbers next to the paper's and the computed verdict."
-    rows = [{"paper": r.paper, "experiment": r.experiment, "claim": r.claim, "ours": r.summary,
-             "paper's numbers": r.paper_summary, "verdict": f"**{r.verdict}**", "time (s)": r.wall_time_s} for r in recs]
+    rows = [{"paper": r.paper, "experiment": r.experiment, "claim": r.claim, "ours": r.summary, "paper's numbers": r.paper_summary,
+             "verdict": verdict_cell(r), "time warm / cold (s)": time_cell(r)} for r in recs]
     return md_table(rows)
 
+# %% ../nbs/05_records.ipynb #b2c0a021
+def checks_table(r:Record)->str:
+    "Markdown table of a record's checks with their roles and evidence."
+    if r.legacy: return "Checks (legacy, no roles): " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r.checks.items())
+    rows = []
+    for k, c in r.checks.items():
+        role = "primary claim" if c.primary else "claim" if c.role == "claim" else c.role
+        p = "" if c.p is None else f"{c.p:.3g}" + (f" (Holm {c.p_holm:.3g})" if c.p_holm is not None else "")
+        iv = "" if c.lo is None else f"[{_g(c.lo)}, {_g(c.hi)}]"
+        rows.append({"check": k + (" *(post hoc)*" if c.post_hoc else ""), "role": role, "holds": "yes" if c.holds else "**no**",
+                     "effect": _g(c.effect), "interval": iv, "n": _g(c.n), "p": p,
+                     "power / value": _gate_text(c), "note": c.note})
+    return md_table(rows)
+
+def record_markdown(r:Record, status:str|None=None, figures:bool=True)->str:
+    "One record as markdown: the verdict, the claim, the checks, the table and (optionally) the figures."
+    out = [f"**{r.paper}:{r.experiment}**: {verdict_cell(r)}" + (f" · *{status}*" if status and status != "current" else ""),
+           "", r.claim, "", f"Ours: {r.summary}"]
+    if r.paper_summary: out += ["", f"Paper: {r.paper_summary}"]
+    if r.protocol:
+        p = r.protocol
+        out += ["", f"Protocol (pre-registered, `configs/{r.paper}/protocol.yaml`, hash {r.protocol_hash}): primary *{p['primary']}*; "
+                    f"{p['test']}; smallest effect of interest {p['sesoi']} ({p.get('unit', 'our units')}); seeds {p['seeds']}"
+                    + (f"; pilot seeds {p['pilot_seeds']}" if p.get("pilot_seeds") else "") + (f". Amends: {p['amends']}" if p.get("amends") else "")]
+    out += ["", checks_table(r)]
+    if r.table: out += ["", md_table(r.table)]
+    if figures: out += [f"\n![{r.experiment}]({f})" for f in r.figures]
+    if r.notes: out += ["", r.notes]
+    out += ["", f"<sub>seeds {r.seeds}, {time_cell(r)} s warm / cold, scale {r.scale}, jobs {r.runtime.get('jobs', '—')}, "
+                f"torch {r.versions.get('torch')}, {r.created}</sub>"]
+    return "\n".join(out)
+
 def render_results(root:str|Path|None=None)->str:
-    "Markdown for all records: a summary table, then per paper its detailed tables and figures."
+    "Markdown for all records: a summary table, then per paper each record with its checks, tables and figures."
     root = Path(root or results_dir()); recs = load_records(root=root)
     out = ["# Results", "", "Rendered by `distill_nb results` from the records under `results/`; do not edit by hand.", "",
            records_table(recs) if recs else "_No records yet: run `make reproduce`._"]
@@ -207,15 +487,33 @@ def render_results(root:str|Path|None=None)->str:
         rs = [r for r in recs if r.paper == paper]
         if not rs: continue
         out += ["", f"## {paper}", "", f"*{PAPERS[paper][1]}*"]
-        for r in rs:
-            out += ["", f"### {r.experiment} — {r.verdict}", "", r.claim, "", f"Ours: {r.summary}"]
-            if r.paper_summary: out += ["", f"Paper: {r.paper_summary}"]
-            out += ["", "Checks: " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r.checks.items())]
-            if r.table: out += ["", md_table(r.table)]
-            for f in r.figures: out += ["", f"![{r.experiment}]({f})"]  # relative to the results dir
-            if r.notes: out += ["", r.notes]
-            out += ["", f"<sub>seeds {r.seeds}, {r.wall_time_s} s, scale {r.scale}, torch {r.versions.get('torch')}, {r.created}</sub>"]
+        for r in rs: out += ["", f"### {r.experiment} — {r.verdict}", "", record_markdown(r)]
     return "\n".join(out) + "\n"
+
+# %% ../nbs/05_records.ipynb #b2c0a023
+def _png(path_or_bytes, max_width:int=640)->bytes:
+    "PNG bytes of a figure for a notebook: at most `max_width` pixels wide, 256 colours (plots lose nothing visible)."
+    from PIL import Image
+    import io
+    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    im = Image.open(src).convert("RGB")
+    if im.width > max_width: im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
+    b = io.BytesIO(); im.quantize(256).save(b, "PNG", optimize=True); return b.getvalue()
+
+def show_experiment(paper:str, name:str, root:str|Path|None=None, **kw)->Record|None:
+    "Show the record of `paper:name` when it is current; re-run the experiment when it is stale or missing."
+    from IPython.display import Markdown, Image, display
+    root = Path(root or results_dir()); mode = os.environ.get("DISTILL_NB_RERUN", "auto")
+    try: rec = load_record(paper, name, root)
+    except FileNotFoundError: rec = None
+    status = record_status(rec) if rec is not None else "missing"
+    if mode == "1" or (mode != "0" and status != "current" and os.environ.get("IN_TEST") != "1"):
+        load_paper(paper); rec = run_experiment(EXPERIMENTS[(paper, name)], root=root, **kw); status = "current"
+    if rec is None: display(Markdown(f"_No record of {paper}:{name} yet: run `distill_nb reproduce {paper}:{name}`._")); return None
+    display(Markdown(record_markdown(rec, status, figures=False)))
+    for f in rec.figures:
+        if (root/f).exists(): display(Image(data=_png(root/f)))
+    return rec
 
 def show_records(paper:str|None=None, root=None):
     "Display the results table of one paper (or all) in a notebook."
@@ -242,3 +540,66 @@ def notebook_markdown(nb_path:str|Path)->str:
             elif o.get("output_type") == "stream" and o.get("name") == "stdout": parts.append("```\n" + "".join(o["text"]).rstrip() + "\n```")
             elif "text/plain" in data and "image/png" not in data: parts.append("```\n" + "".join(data["text/plain"]).rstrip() + "\n```")
     return "\n\n".join(p for p in parts if p) + "\n"
+
+# %% ../nbs/05_records.ipynb #b2c0a025
+_LOCAL = ("/work/", "/tmp/", "/root/", "/home/", "/Users/", "\\Users\\")
+
+def _sanitize(s:str)->str:
+    "Machine-specific folders in an output written the way any machine would: <repo>, ~, <tmp>."
+    import tempfile
+    for p, r in ((repo_root(), "<repo>"), (Path.home(), "~"), (Path(tempfile.gettempdir()), "<tmp>")):
+        if p is not None: s = s.replace(json.dumps(str(p) + "/")[1:-1], r + "/")
+    return s
+
+def _keep(o:dict)->dict|None:
+    "An output worth committing, reduced to its content; None for stderr, errors and empty streams."
+    t = o.get("output_type")
+    if t == "stream": return {"name": "stdout", "output_type": "stream", "text": o["text"]} if o.get("name") == "stdout" and "".join(o["text"]).strip() else None
+    if t in ("display_data", "execute_result"):
+        d = {"data": dict(o["data"]), "metadata": {}, "output_type": t}
+        if "image/png" in d["data"]:
+            import base64
+            png = _png(base64.b64decode("".join(d["data"]["image/png"])))
+            d["data"]["image/png"] = base64.b64encode(png).decode()
+        if t == "execute_result": d["execution_count"] = None
+        return d
+    return None
+
+def output_problems(nb:dict, max_kb:int=300)->list[str]:
+    "What is wrong with a notebook's stored outputs: too large, a local path, stderr or an error."
+    probs, size, per_cell = [], 0, {}
+    for i, c in enumerate(nb["cells"]):
+        for o in c.get("outputs", []):
+            s = json.dumps(o); size += len(s); per_cell[i] = per_cell.get(i, 0) + len(s)
+            if o.get("output_type") == "error" or o.get("name") == "stderr": probs.append(f"cell {i}: {o.get('output_type')} {o.get('name', '')} output (logs and errors are not committed)")
+            texts = "".join("".join(v) if isinstance(v, list) else str(v) for k, v in {**o.get("data", {}), "text": o.get("text", "")}.items() if k != "image/png")
+            if any(p in texts for p in _LOCAL): probs.append(f"cell {i}: an output shows a local path")
+    if size > max_kb * 1024:
+        big = ", ".join(f"cell {i} {n // 1024} KB" for i, n in sorted(per_cell.items(), key=lambda x: -x[1])[:3])
+        probs.append(f"outputs take {size // 1024} KB, more than {max_kb} KB (largest: {big})")
+    return probs
+
+# %% ../nbs/05_records.ipynb #b2c0a026
+def fill_outputs(nb_path:str|Path, skip_flags:tuple=("slow", "notest"), max_kb:int=300)->int:
+    "Execute `nb_path` as nbdev_test does and store its outputs in the file; returns the number of outputs stored."
+    from execnb.nbio import read_nb
+    from execnb.shell import CaptureShell
+    nb_path = Path(nb_path).resolve(); raw = json.loads(nb_path.read_text()); nb = read_nb(nb_path)
+    skip = lambda c: c.cell_type != "code" or "nbdev_export" + "(" in c.source or bool(_directives(c.source) & set(skip_flags))
+    env, cwd = dict(os.environ), os.getcwd()
+    os.environ.update(DISTILL_NB_RERUN="0", DISTILL_NB_PROGRESS="0", MPLBACKEND="Agg", IN_TEST="1")
+    try:
+        os.chdir(nb_path.parent); k = CaptureShell(nb_path); k.run_all(nb, exc_stop=True, preproc=skip)
+    except Exception as e: raise RuntimeError(f"{nb_path.name}: a cell failed ({type(e).__name__}: {e}); see `nbdev_test --path {nb_path.name}`") from None
+    finally: os.chdir(cwd); os.environ.clear(); os.environ.update(env)
+    n = 0
+    for c, r in zip(nb.cells, raw["cells"]):
+        if r["cell_type"] != "code": continue
+        outs = [x for x in (_keep(json.loads(_sanitize(json.dumps(o)))) for o in (c.get("outputs") or [])) if x]
+        r["outputs"], r["execution_count"] = outs, None; n += len(outs)
+    probs = output_problems(raw, max_kb)
+    if probs: raise ValueError(f"{nb_path.name}: " + "; ".join(probs))
+    nb_path.write_text(json.dumps(raw, indent=1, ensure_ascii=False) + "\n")
+    from nbdev.clean import nbdev_clean
+    nbdev_clean(fname=str(nb_path))
+    return n

@@ -797,6 +797,7 @@ def build_source(spec:SourceSpec, size:int)->Source:
         else: raise ValueError(f"source {spec.name!r} ({spec.arch}) has no weights: give `weights: <file>` or `train_dir: <labeled folder>`")
     else:
         timm = _timm(f"source {spec.name!r} (architecture {spec.arch!r})")
+        seed_everything(0)   # as the in-repo sources: a pretrained body's new classifier head is random
         m = TimmSource(timm.create_model(spec.arch, pretrained=spec.pretrained and not spec.weights, num_classes=spec.num_classes))
         if spec.weights: m.m.load_state_dict(_load_state(spec.weights))
         elif not spec.pretrained: raise ValueError(f"source {spec.name!r} ({spec.arch}) has no weights: give `weights: <file>` or `pretrained: true`")
@@ -817,6 +818,12 @@ def make_toy_image_folder(root, classes:int=3, n_train:int=24, n_test:int=8, siz
                 img = np.clip(pat[..., None] * col + 0.15 * g.normal(size=(size, size, 3)), 0, 1)
                 Image.fromarray((img * 255).astype(np.uint8)).save(d/f"{i:04d}.png")
     return root
+
+def _toy_under(cfg:SimilarFullConfig, out:Path)->SimilarFullConfig:
+    "With `toy_data`, relative data paths live under the run's `out` folder (never in the working directory)."
+    if not cfg.toy_data: return cfg
+    under = lambda p: str(p) if not p or Path(p).is_absolute() else str(Path(out)/p)
+    return cfg.replace(data_root=under(cfg.data_root), sources=[{**s.to_dict(), "train_dir": under(s.train_dir)} for s in cfg.sources])
 
 def _target_dirs(cfg:SimilarFullConfig)->Path:
     from distill_nb.data import full_data_root
@@ -870,6 +877,7 @@ class _StudentWithProj(nn.Module):
 def similar_full(cfg:SimilarFullConfig, out:Path)->dict:
     "Score the sources, fit their probes and distil them into the target network under accelerate, resumably."
     acc = make_accelerator(cfg.mixed_precision); out = Path(out); rank, world = acc.process_index, acc.num_processes
+    cfg = _toy_under(cfg, out)
     with acc.main_process_first(): tdir = _target_dirs(cfg)
     x_tr, y_tr, classes = _folder_tensors(tdir/"train", cfg.image_size); x_te, y_te, cls_te = _folder_tensors(tdir/"test", cfg.image_size)
     if cls_te != classes: raise ValueError(f"{tdir}/test has classes {cls_te} but train/ has {classes}; use the same class folders")

@@ -9,7 +9,9 @@ from typing import Callable, NamedTuple, Sequence
 
 # %% auto #0
 __all__ = ['CorrResult', 'ConstantInputWarning', 'pearson', 'spearman', 'kendall', 'bootstrap_ci', 'PairedDiff', 'paired_diff',
-           'mean_std', 'mean_std_table', 'eta_squared', 'regret', 'expected_random_regret', 'top_k_hit']
+           'SignFlipTest', 'sign_flip_test', 'sign_flip_power', 'seeds_needed', 'min_detectable_effect',
+           'spearman_brown', 'Reliability', 'reliability', 'disattenuated', 'binomial_se', 'holm', 'mean_std',
+           'mean_std_table', 'eta_squared', 'regret', 'expected_random_regret', 'top_k_hit']
 
 # %% ../nbs/03_stats.ipynb #903394ae
 import numpy as np
@@ -143,6 +145,143 @@ def paired_diff(a:Sequence[float],    # arm A, one value per seed
     null = np.abs((signs * d).mean(1))
     p = (np.sum(null >= abs(m) - 1e-12 * max(1., abs(m))) + extra) / (len(signs) + extra)
     return PairedDiff(m, lo, hi, n, float(p), float(d.std(ddof=1)))
+
+# %% ../nbs/03_stats.ipynb #a1f0c002
+def _signflip_sums(d:np.ndarray)->tuple[np.ndarray, np.ndarray]:
+    "For all 2^n subsets F of the seeds: the sum of d over F and |F| (built by doubling, O(2^n))."
+    s, k = np.zeros(1), np.zeros(1, dtype=np.int64)
+    for v in d: s, k = np.concatenate([s, s + v]), np.concatenate([k, k + 1])
+    return s, k
+
+def _subset_means(d:np.ndarray, n_mc:int, seed:int)->tuple[np.ndarray, bool]:
+    "Means of d over every non-empty subset (exact, n <= 20), or over n_mc random subsets."
+    n = len(d)
+    if n <= 20:
+        s, k = _signflip_sums(d); return s[1:] / k[1:], True
+    F = np.random.default_rng(seed).random((n_mc, n)) < 0.5
+    k = F.sum(1); F, k = F[k > 0], k[k > 0]
+    return (F * d).sum(1) / k, False
+
+# %% ../nbs/03_stats.ipynb #a1f0c003
+@dataclass
+class SignFlipTest:
+    "The exact one-sided paired sign-flip test of mean(a - b) > margin, with the interval that inverts it."
+    effect: float   # mean difference a - b
+    lo: float       # one-sided (1 - alpha) lower bound on the mean difference
+    hi: float       # one-sided (1 - alpha) upper bound ([lo, hi] is a 1 - 2*alpha interval)
+    n: int          # number of paired seeds
+    p: float        # one-sided p-value (>= 2**-n)
+    sd: float       # sd of the differences (ddof=1)
+    alpha: float    # level of the test
+    passed: bool    # p <= alpha and n >= min_n
+    min_n: int      # seeds required for a claim
+    exact: bool     # all 2**n patterns enumerated (n <= 20), else Monte Carlo
+    def __str__(self): return f"{self.effect:+.3g} [{self.lo:+.3g}, {self.hi:+.3g}] (n={self.n}, p={self.p:.3g})"
+
+# %% ../nbs/03_stats.ipynb #a1f0c004
+def sign_flip_test(a:Sequence[float],   # arm A, one value per seed (larger is better unless `alternative='less'`)
+                   b:Sequence[float],   # arm B on the same seeds, in the same order
+                   alternative:str="greater", # 'greater': A beats B; 'less': A is below B
+                   margin:float=0.0,    # test mean(a - b) > -margin (non-inferiority when margin > 0)
+                   alpha:float=0.05,    # level
+                   min_n:int=6,         # fewer paired seeds never pass
+                   n_mc:int=200_000,    # random patterns when n > 20
+                   seed:int=0,          # seed of the Monte Carlo patterns
+                  )->SignFlipTest:
+    "Exact one-sided paired sign-flip (permutation) test of A vs B, with its inverted interval."
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1: raise ValueError(f"sign_flip_test: a and b must be 1-D and paired (same length), got shapes {a.shape} and {b.shape}")
+    if len(a) < 1: raise ValueError("sign_flip_test: needs at least 1 pair")
+    if alternative not in ("greater", "less"): raise ValueError(f"sign_flip_test: alternative must be 'greater' or 'less', got {alternative!r}")
+    if not 0 < alpha < 1: raise ValueError(f"sign_flip_test: alpha must be in (0, 1), got {alpha}")
+    d = a - b
+    if not np.isfinite(d).all(): raise ValueError("sign_flip_test: non-finite values; drop the failed seeds in both arms")
+    sgn = 1. if alternative == "greater" else -1.
+    x = sgn * d + margin                                  # H0: mean(x) <= 0
+    means, exact = _subset_means(x, n_mc, seed)
+    tol = 1e-12 * max(1., np.abs(x).max())
+    p = (np.sum(means <= tol) + 1) / (len(means) + 1)     # a pattern ties or beats the observed one
+    ms, m = np.sort(means), int(np.floor(alpha * (len(means) + 1)))
+    lo = ms[m - 1] if m >= 1 else -np.inf                 # bounds on mean(x) ...
+    hi = ms[len(ms) - m] if m >= 1 else np.inf
+    lo, hi = (lo - margin, hi - margin) if sgn > 0 else (-(hi - margin), -(lo - margin))  # ... back to mean(a - b)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    return SignFlipTest(float(d.mean()), float(lo), float(hi), len(d), float(p), sd, alpha,
+                        bool(p <= alpha and len(d) >= min_n), min_n, exact)
+
+# %% ../nbs/03_stats.ipynb #a1f0c010
+def sign_flip_power(effect:float, # true mean difference (> 0: A better)
+                    sd:float,     # sd of the paired differences
+                    n:int,        # paired seeds
+                    alpha:float=0.05)->float:
+    "Approximate power of the exact one-sided sign-flip test (non-central t at the attainable level)."
+    if sd <= 0 or not np.isfinite(sd): raise ValueError(f"sign_flip_power: sd must be a positive number, got {sd}")
+    a_n = np.floor(alpha * 2.**n) / 2.**n
+    if n < 2 or a_n == 0: return 0.0
+    df = n - 1
+    return float(_sps.nct.sf(_sps.t.ppf(1 - a_n, df), df, effect * np.sqrt(n) / sd))
+
+def seeds_needed(effect:float, sd:float, alpha:float=0.05, power:float=0.8, min_n:int=6, max_n:int=200)->int:
+    "Smallest number of paired seeds (>= min_n) whose sign-flip test detects `effect` with `power`."
+    if effect <= 0: raise ValueError(f"seeds_needed: effect must be > 0, got {effect}")
+    for n in range(max(2, min_n), max_n + 1):
+        if sign_flip_power(effect, sd, n, alpha) >= power: return n
+    raise ValueError(f"seeds_needed: more than {max_n} seeds for effect {effect} with sd {sd}; reduce the noise instead")
+
+def min_detectable_effect(n:int, sd:float, alpha:float=0.05, power:float=0.8)->float:
+    "The smallest mean difference that `n` paired seeds detect with `power` (inf when n cannot reach alpha)."
+    if sign_flip_power(1e3 * sd, sd, n, alpha) < power: return float("inf")
+    from scipy.optimize import brentq
+    return float(brentq(lambda e: sign_flip_power(e, sd, n, alpha) - power, 1e-9 * sd, 1e3 * sd, xtol=1e-10 * sd))
+
+# %% ../nbs/03_stats.ipynb #a1f0c014
+def spearman_brown(r:float, k:float)->float:
+    "Reliability of the mean of `k` replicates whose single-replicate reliability is `r`."
+    if not -1 <= r <= 1: raise ValueError(f"spearman_brown: r must be in [-1, 1], got {r}")
+    return float(k * r / (1 + (k - 1) * r))
+
+class Reliability(NamedTuple):
+    "Reliability of a ground truth measured as `k` replicates over the same candidates."
+    single: float   # one replicate (mean pairwise Spearman, or the split-half correlation stepped down)
+    mean: float     # the mean of the k replicates (Spearman-Brown)
+    k: int          # replicates
+    method: str     # 'seed' or 'split-half'
+
+def reliability(scores:Sequence,       # (replicates, candidates): e.g. KD accuracy per seed per student
+                method:str="seed",     # 'seed': mean pairwise Spearman; 'split-half': first vs second half of the replicates
+               )->Reliability:
+    "Seed-to-seed or split-half reliability of a ranking of candidates, with Spearman-Brown."
+    s = np.asarray(scores, dtype=float)
+    if s.ndim != 2 or s.shape[0] < 2 or s.shape[1] < 3: raise ValueError(f"reliability: scores must be (replicates >= 2, candidates >= 3), got shape {s.shape}")
+    if not np.isfinite(s).all(): raise ValueError("reliability: scores contain non-finite values")
+    k = s.shape[0]; rk = lambda u, v: float(np.corrcoef(_sps.rankdata(u), _sps.rankdata(v))[0, 1])
+    if method == "seed":
+        r1 = float(np.mean([rk(s[i], s[j]) for i, j in itertools.combinations(range(k), 2)]))
+        return Reliability(r1, spearman_brown(r1, k), k, method)
+    if method == "split-half":
+        if k < 2: raise ValueError("reliability: split-half needs at least 2 replicates")
+        h = rk(s[: k // 2].mean(0), s[k // 2:].mean(0)); full = spearman_brown(h, 2)
+        return Reliability(spearman_brown(full, 1 / k), full, k, method)
+    raise ValueError(f"reliability: method must be 'seed' or 'split-half', got {method!r}")
+
+def disattenuated(r:float, rel_x:float, rel_y:float=1.0)->float:
+    "Correlation corrected for the unreliability of x (and y): r / sqrt(rel_x rel_y). Report it; never judge on it."
+    if rel_x <= 0 or rel_y <= 0: return float("nan")
+    return float(r / np.sqrt(rel_x * rel_y))
+
+def binomial_se(acc:float, n:int)->float:
+    "Standard error of an accuracy `acc` measured on `n` test examples."
+    if not 0 <= acc <= 1 or n < 1: raise ValueError(f"binomial_se: need 0 <= acc <= 1 and n >= 1, got acc={acc}, n={n}")
+    return float(np.sqrt(acc * (1 - acc) / n))
+
+# %% ../nbs/03_stats.ipynb #a1f0c018
+def holm(pvalues:Sequence[float])->np.ndarray:
+    "Holm-adjusted p-values, in the input order."
+    p = np.asarray(pvalues, dtype=float)
+    if p.ndim != 1 or not ((0 <= p) & (p <= 1)).all(): raise ValueError(f"holm: p-values must be a 1-D array in [0, 1], got {pvalues!r}")
+    m, order = len(p), np.argsort(p, kind="stable")
+    adj = np.minimum(1., np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m); out[order] = adj; return out
 
 # %% ../nbs/03_stats.ipynb #8fa984b6
 def mean_std(x:Sequence[float],  # values over seeds

@@ -3,7 +3,8 @@
 1. `nbdev_export` run on a copy of the tree changes nothing in distill_nb/ (the package was exported, not hand-edited);
 2. `nbdev_clean` run on a copy of nbs/ changes no notebook (notebooks are committed clean);
 3. README.md equals the markdown rendered from nbs/index.ipynb (run `distill_nb readme` to refresh it);
-4. the layout has no pyproject.toml (settings.ini + setup.py only).
+4. the layout has no pyproject.toml (settings.ini + setup.py only);
+5. every notebook carries its outputs (run `distill_nb outputs`): at least one, at most 300 KB, no stderr, no local path.
 Works on a dirty checkout too: it compares copies, never the git index.
 """
 import shutil, subprocess, sys, tempfile
@@ -32,6 +33,12 @@ def main() -> int:
     from distill_nb.records import notebook_markdown
     if (ROOT/"README.md").read_text() != notebook_markdown(ROOT/"nbs"/"index.ipynb"):
         problems.append("README.md is stale: run `distill_nb readme` (renders nbs/index.ipynb) and commit it")
+    from distill_nb.records import output_problems
+    import json
+    for nb in sorted((ROOT/"nbs").glob("*.ipynb")):
+        d = json.loads(nb.read_text()); n = sum(len(c.get("outputs", [])) for c in d["cells"])
+        probs = output_problems(d) + ([] if n else ["no outputs"])
+        if probs: problems.append(f"{nb.name}: {'; '.join(probs)}: run `distill_nb outputs {nb.relative_to(ROOT)}` and commit it")
     if (ROOT/"pyproject.toml").exists(): problems.append("pyproject.toml exists: the layout is settings.ini + setup.py")
     for p in problems: print("sync check FAILED:", p, file=sys.stderr)
     if not problems: print("sync check: package, notebooks and README.md are in sync")
