@@ -61,12 +61,12 @@ nbtest: setup data  ## nbdev_test (slow cells skipped)
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: setup data
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n 2 --dist loadfile tests
 
 test: setup data  ## the CI command: sync checks, nbdev_test, pytest tests
 	$(PY) tests/sync_check.py
 	$(BIN)/nbdev_test --n_workers 2 --timing
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n 2 --dist loadfile tests
 
 slow: setup data  ## nbdev_test including the slow cells, and the slow pytest checks (real sizes, cold starts)
 	$(BIN)/nbdev_test --n_workers 2 --flags slow --timing

@@ -30,6 +30,7 @@ def build_manifest()->dict:
     return {p: {"citation": cite, "available": p in avail,
                 "experiments": [[s.name, s.desc] for s in get_experiments(p)] if p in avail else [],
                 "benchmarks": [[s.name, s.desc] for s in get_benchmarks(p)] if p in avail else [],
+                "extended": [s.name for s in get_experiments(p) if "extended" in s.tiers] if p in avail else [],
                 "launcher": p in LAUNCHERS} for p, (mod, cite) in PAPERS.items()}
 
 def read_manifest()->dict:
@@ -38,8 +39,8 @@ def read_manifest()->dict:
     return json.loads(p.read_text()) if p.exists() else build_manifest()
 
 # %% ../nbs/06_cli.ipynb #b1c546e9
-def resolve_targets(targets:list[str], kind:str="experiments")->list:
-    "ExperimentSpecs (or benchmarks) for `paper` / `paper:name` targets; all available papers when empty. Names are checked first."
+def resolve_targets(targets:list[str], kind:str="experiments", scale:str="quick")->list:
+    "ExperimentSpecs (or benchmarks) for `paper` / `paper:name` targets; all available papers when empty. Names (and tiers) are checked first."
     man = read_manifest(); key = "experiments" if kind == "experiments" else "benchmarks"
     for t in targets:
         paper, _, name = t.partition(":")
@@ -48,13 +49,18 @@ def resolve_targets(targets:list[str], kind:str="experiments")->list:
         if name and name not in [n for n, _ in man[paper][key]]:
             valid = ", ".join(f"{paper}:{n}" for n, _ in man[paper][key]) or "none"
             raise UsageError(f"unknown {kind[:-1]} {t!r}; valid {kind} of {paper}: {valid}")
+        if scale == "extended" and name and name not in man[paper].get("extended", []):
+            have = ", ".join(f"{p}:{n}" for p in man for n in man[p].get("extended", [])) or "none yet"
+            raise UsageError(f"{t} has no extended tier; experiments with one: {have}")
     from distill_nb.records import get_experiments, get_benchmarks
     get = get_experiments if kind == "experiments" else get_benchmarks
-    if not targets: return get()
     out = []
-    for t in targets:
-        paper, _, name = t.partition(":")
-        out += [s for s in get(paper) if not name or s.name == name]
+    for t in targets or [None]:
+        paper, _, name = (t or "").partition(":")
+        out += [s for s in get(paper or None) if not name or s.name == name]
+    if kind == "experiments" and scale == "extended":
+        out = [s for s in out if "extended" in s.tiers]
+        if not out: raise UsageError(f"no experiment of {' '.join(targets) or 'any paper'} has an extended tier; run it at --scale quick")
     return out
 
 # %% ../nbs/06_cli.ipynb #468d4548
@@ -64,17 +70,17 @@ def listing(man:dict|None=None)->str:
     for p, e in man.items():
         lines.append(f"  {p:10s} {e['citation']}")
         if not e["available"]: lines.append("             (not implemented in this version yet)"); continue
-        for n, d in e["experiments"]: lines.append(f"             experiment {p}:{n}: {d}")
+        for n, d in e["experiments"]: lines.append(f"             experiment {p}:{n}: {d}" + (" (also --scale extended)" if n in e.get("extended", []) else ""))
         for n, d in e["benchmarks"]: lines.append(f"             benchmark  {p}:{n}: {d}")
         if e["launcher"]: lines.append(f"             full scale: accelerate launch -m distill_nb.launch {p} --config configs/{p}/<name>.yaml")
     return "papers:\n" + "\n".join(lines)
 
 # %% ../nbs/06_cli.ipynb #49e3309d
 def cmd_reproduce(a)->int:
-    "Run experiments at quick scale (records under results/), or launch the full-scale configs."
+    "Run experiments at quick (or extended) scale, records under results/, or launch the full-scale configs."
     if a.jobs is not None and a.jobs < 1: raise UsageError(f"-j must be >= 1, got {a.jobs}; use -j 1 to run serially")
     if a.scale == "full": return _reproduce_full(a)
-    specs = resolve_targets(a.targets)
+    specs = resolve_targets(a.targets, scale=a.scale)
     if a.ci: specs = [s for s in specs if s.ci]
     if a.seeds is not None:
         few = [f"{s.paper}:{s.name} (needs {s.min_seeds})" for s in specs if len(set(a.seeds)) < s.min_seeds]
@@ -87,7 +93,7 @@ def cmd_reproduce(a)->int:
     for s in specs:
         print(f"== {s.paper}:{s.name} — {s.desc}", flush=True)
         try:
-            r = run_experiment(s, "quick", a.results, cold=a.cold, **kw)
+            r = run_experiment(s, a.scale, a.results, cold=a.cold, **kw)
             print(f"   {r.verdict}: {r.summary} ({r.wall_time_s:.0f} s)", flush=True)
         except Exception as e:
             if a.fail_fast or a.debug: raise
@@ -200,7 +206,9 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     r = sub.add_parser("reproduce", help="run experiments and write their records", description=cmd_reproduce.__doc__)
     r.add_argument("targets", nargs="*", help="papers or paper:experiment (default: all)")
-    r.add_argument("--scale", choices=["quick", "full"], default="quick", help="quick: CPU, minutes; full: the paper's setting (GPU)")
+    r.add_argument("--scale", choices=["quick", "extended", "full"], default="quick",
+                   help="quick: CPU, minutes per paper; extended: the same experiments with the seeds or epochs their power "
+                        "gates ask for (CPU, hours; only experiments that have this tier); full: the paper's setting (GPU)")
     r.add_argument("--seeds", type=int, nargs="+", help="override the experiments' seeds")
     r.add_argument("-j", "--jobs", type=int, default=None, help="parallel processes for seeds and arms (default: the number of cores); records are identical for any -j")
     r.add_argument("--cold", action="store_true", help="run from nothing (empty cache, committed fixtures bypassed) and record the cold time")

@@ -19,8 +19,9 @@ __all__ = ['MAPPINGS', 'INTERMEDIATE', 'KD_LOSSES', 'AUGMENTERS', 'E1_ALPHAS', '
            'tweet_teacher', 'teacher_outputs', 'bert_student', 'eval_accuracy', 'compact_vocab', 'distill_bert',
            'e2_objectives', 'augmented_teacher_logits', 'e3_augmentation', 'MLPNet', 'meta_tasks', 'config_features',
            'mlp_teacher', 'mlp_distill', 'meta_dataset', 'autodistiller_loto', 'e4_autodistiller', 'GlueDistillConfig',
-           'ModelMissingError', 'glue_teacher', 'glue_distill', 'write_synthetic_glue', 'distiller_benchmark',
-           'show_distiller_results', 'factor_shares']
+           'ModelMissingError', 'glue_metrics', 'glue_score', 'GlueData', 'glue_data', 'glue_teacher', 'glue_predict',
+           'glue_evaluate', 'TeacherCheckError', 'check_teacher', 'glue_distill', 'write_synthetic_glue',
+           'distiller_benchmark', 'show_distiller_results', 'factor_shares']
 
 # %% ../nbs/10_distiller.ipynb #7e786418
 import numpy as np
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, ConfigError, Checkpointer, seed_everything, cached_tensors, fit, step_batch,
-                             save_tensors, progress, count_params)
+                             save_tensors, progress, count_params, rng_preserved, atomic_write_json, positive, nonneg)
 from .kd import kd_ce, kd_mse, hard_ce, hidden_mse, hidden_ce, cosine_loss, pkd_loss, make_projection, Projection
 from .records import Record, experiment, benchmark
-from .launch import launcher, make_accelerator
+from .launch import launcher, make_accelerator, split_batch, freeze, StepLoader, accumulation_step
 
 # %% ../nbs/10_distiller.ipynb #18bd1e0d
 def _check_square(scores:Tensor, fn:str):
@@ -170,12 +171,14 @@ class TransformerCritic(nn.Module):
         if level not in ("sample", "position"): raise ValueError(f"TransformerCritic: level must be 'sample' or 'position', got {level!r}")
         self.s_tower, self.t_tower = _Tower(d_s, out, heads, ffn), _Tower(d_t, out, heads, ffn)
         self.b_tower, self.level = _Tower(d_t, 1, heads, ffn), level
+        nn.init.zeros_(self.b_tower.out.weight); nn.init.zeros_(self.b_tower.out.bias)   # log q(y) = 0 at init, not ±10 nats
     def forward(self, h_s:Tensor, h_t:Tensor, mask:Tensor|None=None)->tuple[Tensor, Tensor]:
         "Scores (rows teacher, columns student) and the teacher log-baseline."
         if h_s.ndim != 3 or h_t.ndim != 3 or h_s.shape[:2] != h_t.shape[:2]:
             raise ValueError(f"TransformerCritic: expects token states (N, L, d) with equal N, L; got {tuple(h_s.shape)} and {tuple(h_t.shape)}")
-        if self.level == "sample":
-            zs, zt = _masked_mean(self.s_tower(h_s, mask, False), mask), _masked_mean(self.t_tower(h_t, mask, False), mask)
+        if self.level == "sample":   # pooled over tokens, then L2-normalised per example: scores are cosines in [-1, 1]
+            zs = F.normalize(_masked_mean(self.s_tower(h_s, mask, False), mask), dim=-1)
+            zt = F.normalize(_masked_mean(self.t_tower(h_t, mask, False), mask), dim=-1)
             return zt @ zs.T, _masked_mean(self.b_tower(h_t, mask, False), mask).squeeze(-1)
         # replicate-official-code: positions indexed by batch, normalised across the batch, positions are the samples
         zs, zt = F.normalize(self.s_tower(h_s, None, True), dim=0), F.normalize(self.t_tower(h_t, None, True), dim=0)
@@ -308,15 +311,22 @@ class DistillerLoss(nn.Module):
         super().__init__()
         self.pipe, self.num_labels = pipe.check(num_labels, d_s, d_t), num_labels
         self.pairs = list(pairs) if pairs is not None else layer_mapping(pipe.mapping, n_s_layers, n_t_layers)
-        inter = pipe.intermediate
+        self.uses_hidden = pipe.intermediate != "none" and bool(pipe.inter_weight)   # else no critic, no projection (DDP: unused)
+        inter = pipe.intermediate if self.uses_hidden else "none"
         self.proj = nn.ModuleDict({str(i): make_projection(d_s, d_t) for i in sorted({i for i, _ in self.pairs})}) \
             if inter in ("mse", "ce", "cos", "pkd") else nn.ModuleDict()
-        self.mi = MIAlphaLoss(d_s, d_t, pipe.alpha, pipe.critic, pipe.mi_level, mi_hidden, mi_out, mi_heads) if inter == "mi" else None
+        mk = lambda: MIAlphaLoss(d_s, d_t, pipe.alpha, pipe.critic, pipe.mi_level, mi_hidden, mi_out, mi_heads)
+        emd = pipe.mapping == "emd"     # official: one critic shared by the skip/last pairs, one per (i, j) pair for emd
+        self.mi = mk() if inter == "mi" and not emd else None
+        self.mi_pairs = nn.ModuleDict({f"{i}_{j}": mk() for i, j in self.pairs}) if inter == "mi" and emd else nn.ModuleDict()
 
-    def pair_loss(self, i:int, h_s:Tensor, h_t:Tensor, mask:Tensor|None=None)->Tensor:
-        "The intermediate objective between student layer `i`'s states and a teacher layer's."
+    def pair_loss(self, i:int, h_s:Tensor, h_t:Tensor, mask:Tensor|None=None,
+                  j:int|None=None)->Tensor:  # the teacher layer (picks the pair's own critic under emd)
+        "The intermediate objective between student layer `i`'s states and teacher layer `j`'s."
         inter = self.pipe.intermediate
-        if inter == "mi": return self.mi(h_s, h_t, mask if h_s.ndim == 3 else None)
+        if inter == "mi":
+            mi = self.mi_pairs[f"{i}_{j}"] if len(self.mi_pairs) else self.mi
+            return mi(h_s, h_t, mask if h_s.ndim == 3 else None)
         h = self.proj[str(i)](h_s); m = mask if h.ndim == 3 else None
         if inter == "mse": return hidden_mse(h, h_t, m)
         if inter == "ce": return hidden_ce(h, h_t, m)
@@ -333,13 +343,13 @@ class DistillerLoss(nn.Module):
         if p.kd_weight:
             kd = kd_ce(s_logits, t_logits, p.temperature) if p.kd_loss == "ce" else kd_mse(s_logits, t_logits, p.temperature)
             total = total + p.kd_weight * kd; parts["kd"] = float(kd.detach())
-        if p.intermediate != "none" and p.inter_weight:
+        if self.uses_hidden:
             if s_hidden is None or t_hidden is None: raise ValueError(f"DistillerLoss: intermediate={p.intermediate!r} needs s_hidden and t_hidden")
             if p.mapping == "emd":
                 n_s, n_t = len({i for i, _ in self.pairs}), len({j for _, j in self.pairs})
-                C = torch.stack([self.pair_loss(i, s_hidden[i], t_hidden[j], mask) for i, j in self.pairs]).reshape(n_s, n_t)
+                C = torch.stack([self.pair_loss(i, s_hidden[i], t_hidden[j], mask, j) for i, j in self.pairs]).reshape(n_s, n_t)
                 inter = (emd_flow(C) * C).sum()
-            else: inter = sum(self.pair_loss(i, s_hidden[i], t_hidden[j], mask) for i, j in self.pairs)
+            else: inter = sum(self.pair_loss(i, s_hidden[i], t_hidden[j], mask, j) for i, j in self.pairs)
             total = total + p.inter_weight * inter; parts["inter"] = float(inter.detach())
         if p.hard_weight:
             if labels is None: raise ValueError("DistillerLoss: hard_weight > 0 needs labels")
@@ -514,12 +524,15 @@ def tweet_task(n_train:int=4000, n_test:int=2000, seed:int=0)->tuple[list, Tenso
     ytr, yte = check_labels(d.train.labels[tr], 2), check_labels(d.test.labels[te], 2, "test set")
     return [d.train.texts[i] for i in tr.tolist()], ytr, [d.test.texts[i] for i in te.tolist()], yte
 
-def encode(tok, texts:Sequence, max_len:int=32)->tuple[Tensor, Tensor]:
-    "Token ids and attention mask, padded/truncated to max_len (pairs as (a, b) tuples)."
+def encode(tok, texts:Sequence, max_len:int=32,
+           types:bool=False,  # also return the token type ids (segment 1 for sentence B of a pair)
+          )->tuple[Tensor, ...]:
+    "Token ids and attention mask (and token type ids if `types`), padded/truncated to max_len (pairs as (a, b) tuples)."
     if len(texts) and isinstance(texts[0], (tuple, list)):
         enc = tok([t[0] for t in texts], [t[1] for t in texts], padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     else: enc = tok(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    if not types: return enc["input_ids"], enc["attention_mask"]
+    return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
 
 def linear_warmup(opt, steps:int, warmup:float=0.1):
     "Linear warm-up over `warmup` of the steps, then linear decay to 0 (Distiller's schedule)."
@@ -925,7 +938,8 @@ def e4_autodistiller(scale:str="quick", seeds:list[int]|None=None, steps:int=200
         table=table, scale=scale, figs={"meta_dataset": fig})
 
 # %% ../nbs/10_distiller.ipynb #d242de32
-GLUE_METRIC = {"CoLA": "mcc", "STS-B": "pearson", "MRPC": "f1", "QQP": "f1"}
+GLUE_METRIC = {"CoLA": "mcc", "STS-B": "(pearson + spearman) / 2", "MRPC": "(f1 + accuracy) / 2", "QQP": "(f1 + accuracy) / 2",
+               "MNLI": "mnli-m"}   # the dev score a checkpoint is selected on (GLUE's task score); others: accuracy
 
 @dataclasses.dataclass
 class GlueDistillConfig(Config):
@@ -939,13 +953,18 @@ class GlueDistillConfig(Config):
     teacher_hidden: int = 64
     student_layers: int = 1
     student_hidden: int = 32
-    teacher_finetune_steps: int = 0    # > 0: first fine-tune the teacher on the task (cached), e.g. for 'random'
+    teacher_finetune_steps: int = nonneg(0)   # > 0: first fine-tune the teacher on the task (all processes, resumable, cached)
     teacher_lr: float = 2e-5
+    teacher_batch_size: int = positive(32)    # global batch of the fine-tuning phase
+    teacher_dev_check: bool = True     # refuse a teacher no better than the constant predictor on dev
     pipeline: DistillerPipeline = dataclasses.field(default_factory=lambda: DistillerPipeline(
         intermediate="mi", mapping="skip", alpha=0.9, critic="transformer", kd_loss="ce"))
     max_seq_length: int = 128
     max_train_examples: int = 0        # > 0: use only the first n training examples
-    batch_size: int = 64               # global batch (per process: batch_size / processes)
+    batch_size: int = positive(64)     # global: micro-batch × gradient_accumulation_steps × processes
+    gradient_accumulation_steps: int = positive(1)
+    num_workers: int = nonneg(2)       # DataLoader workers per process
+    eval_batch_size: int = positive(128)  # dev batch per process
     lr: float = 5e-5
     weight_decay: float = 0.1
     warmup: float = 0.1
@@ -955,7 +974,8 @@ class GlueDistillConfig(Config):
     seed: int = 9580
     checkpoint_every: int = 1000
     keep: int = 2
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # the shipped configs: bf16 (GPU or CPU); fp16 is GPU-only
+    resume_safe = ("checkpoint_every", "keep", "num_workers", "eval_batch_size")
 
 class ModelMissingError(FileNotFoundError):
     "A model folder the full-scale run needs is not there."
@@ -967,22 +987,114 @@ def _model_dir(path:str, what:str, hint:str)->Path:
                                 f"under {p or '<a folder>'} and set it in the config; {hint}")
     return p
 
+
+# %% ../nbs/10_distiller.ipynb #g1000002
+def _rank(x:np.ndarray)->np.ndarray:
+    "Ranks 1..n, ties sharing their average rank (as `scipy.stats.rankdata`)."
+    r = np.empty(len(x)); r[np.argsort(x, kind="mergesort")] = np.arange(1, len(x) + 1)
+    _, inv = np.unique(x, return_inverse=True)
+    return (np.bincount(inv, r) / np.bincount(inv))[inv]
+
+def _pearson(a:np.ndarray, b:np.ndarray)->float:
+    a, b = a - a.mean(), b - b.mean(); den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / den if den else 0.0
+
+def glue_metrics(task:str, # a GLUE task name, e.g. 'CoLA'
+                 pred,     # predicted class ids, or scores for STS-B
+                 y,        # the labels
+                )->dict:
+    "GLUE's official dev metrics of `task`."
+    p, t = np.asarray(pred, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if len(p) != len(t) or not len(p): raise ValueError(f"glue_metrics: {len(p)} predictions for {len(t)} labels")
+    if task == "STS-B": return {"pearson": _pearson(p, t), "spearman": _pearson(_rank(p), _rank(t))}
+    out = {"accuracy": float((p == t).mean())}
+    tp, fp, fn, tn = (float(((p == a) & (t == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1), (0, 0)))
+    if task in ("MRPC", "QQP"): out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    if task == "CoLA":
+        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)); out["mcc"] = (tp * tn - fp * fn) / den if den else 0.0
+    return out
+
+def glue_score(task:str, m:dict)->float:
+    "The dev score a checkpoint is selected on (`GLUE_METRIC`): GLUE's task score, MNLI-m for MNLI."
+    if task == "STS-B": return (m["pearson"] + m["spearman"]) / 2
+    if task in ("MRPC", "QQP"): return (m["f1"] + m["accuracy"]) / 2
+    return m["mcc"] if task == "CoLA" else m["mnli-m"] if task == "MNLI" else m["accuracy"]
+
+
+# %% ../nbs/10_distiller.ipynb #g1000007
+def _glue_devs(task:str, root)->dict:
+    "The task's dev sets by name: MNLI's 'mnli-m' and 'mnli-mm', else 'dev'."
+    from distill_nb.data import GLUE_TASKS, load_glue
+    if task != "MNLI": return {"dev": load_glue(task, "dev", root)}
+    spec = GLUE_TASKS["MNLI"]; devs, old = {"mnli-m": load_glue(task, "dev", root)}, spec["dev"]
+    spec["dev"] = "dev_mismatched"          # load_glue reads the file named by GLUE_TASKS[task]['dev']: the mismatched one, once
+    try: devs["mnli-mm"] = load_glue(task, "dev", root)
+    finally: spec["dev"] = old
+    return devs
+
+def _augmented_copies(cfg:GlueDistillConfig, texts:list)->list:
+    "`n_aug` augmented copies per example (pairs: each sentence augmented), seeded per example and copy."
+    pipe = cfg.pipeline
+    if not pipe.augmenters: return []
+    aug = TextAugmenter(pipe.augmenters, pipe.aug_p)
+    if not isinstance(texts[0], tuple): return list(augment_texts(texts, aug, pipe.n_aug, cfg.seed)[0])
+    return [tuple(aug(t, random.Random(cfg.seed * 7919 + (k * pipe.n_aug + c) * 2 + j)) for j, t in enumerate(p))
+            for k, p in enumerate(texts) for c in range(pipe.n_aug)]
+
+
+# %% ../nbs/10_distiller.ipynb #g1000008
+@dataclasses.dataclass
+class GlueData:
+    "A GLUE task tokenised: train rows (ids, mask, token types, label, is-copy), the first `n_orig` original, and dev rows by name."
+    task: str; num_labels: int; vocab: int; train: torch.utils.data.TensorDataset; n_orig: int; devs: dict
+
+def glue_data(cfg:GlueDistillConfig, tok)->GlueData:
+    "Load `cfg.task`, add the augmented copies (the teacher re-labels them) and tokenise with token type ids."
+    from distill_nb.data import GLUE_TASKS, load_glue
+    if cfg.task not in GLUE_TASKS: raise ConfigError(f"unknown GLUE task {cfg.task!r}; valid: {', '.join(GLUE_TASKS)}")
+    names = GLUE_TASKS[cfg.task]["labels"]; k = len(names) if names else 1
+    cfg.pipeline.check(k, 1, 1)                                             # e.g. CE-KD on STS-B's regression head, before any work
+    train, devs = load_glue(cfg.task, "train", cfg.data_root or None), _glue_devs(cfg.task, cfg.data_root or None)
+    n = cfg.max_train_examples or len(train.texts); texts, labels = list(train.texts[:n]), train.labels[:n]
+    check_labels(labels, k, f"GLUE {cfg.task} training set")
+    copies = _augmented_copies(cfg, texts); n_aug = len(copies) // len(texts)
+    y = torch.cat([labels, labels.repeat_interleave(n_aug)]); cp = torch.arange(len(y)) >= len(texts)
+    TD = torch.utils.data.TensorDataset
+    tr = TD(*encode(tok, texts + copies, cfg.max_seq_length, types=True), y, cp)
+    dv = {name: TD(*encode(tok, s.texts, cfg.max_seq_length, types=True), s.labels) for name, s in devs.items()}
+    return GlueData(cfg.task, k, tok.vocab_size, tr, len(texts), dv)
+
+def _glue_tokenizer(cfg:GlueDistillConfig):
+    from transformers import AutoTokenizer
+    from distill_nb.data import minilm_path
+    tok_dir = minilm_path() if cfg.tokenizer == "minilm" else cfg.tokenizer or cfg.teacher
+    if cfg.tokenizer != "minilm": _model_dir(tok_dir, "the teacher's tokenizer", "or set tokenizer: minilm for smoke tests")
+    return AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+
+
 # %% ../nbs/10_distiller.ipynb #9a3bb6d4
+def _mix_types(types:Tensor, lam:float, perm:Tensor)->Tensor:
+    "Token types of a mixed example: those of the example with the larger weight."
+    return types if lam >= 0.5 else types[perm]
+
 class _StudentWithLoss(nn.Module):
     "Student + Distiller loss modules in one module, so DDP syncs the critic and projections too."
     def __init__(self, student, crit:DistillerLoss):
         super().__init__(); self.student, self.crit = student, crit
-    def forward(self, ids, am, t_logits, t_hidden, labels, mix=None):
+    def forward(self, ids, am, t_logits, t_hidden, labels, mix=None, types=None):
+        need = self.crit.uses_hidden      # no hidden states (and no critic) when the intermediate term is off
         if mix is not None:  # word-embedding mixup: clean batch + mixed batch
-            lam, perm = mix; e = self.student.get_input_embeddings()(ids)
-            out = self.student(inputs_embeds=torch.cat([e, mix_embeddings(e, lam, perm)]),
-                               attention_mask=torch.cat([am, torch.maximum(am, am[perm])]), output_hidden_states=True)
-            am = torch.cat([am, torch.maximum(am, am[perm])])
-        else: out = self.student(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        need = self.crit.pipe.intermediate != "none"
+            lam, perm = mix; e = self.student.get_input_embeddings()(ids); mm = torch.maximum(am, am[perm])
+            tt = None if types is None else torch.cat([types, _mix_types(types, lam, perm)])
+            out = self.student(inputs_embeds=torch.cat([e, mix_embeddings(e, lam, perm)]), attention_mask=torch.cat([am, mm]),
+                               token_type_ids=tt, output_hidden_states=need)
+            am = torch.cat([am, mm])
+        else: out = self.student(input_ids=ids, attention_mask=am, token_type_ids=types, output_hidden_states=need)
         loss, parts = self.crit(out.logits, t_logits, list(out.hidden_states) if need else None, t_hidden if need else None, am, labels)
         return loss
 
+
+# %% ../nbs/10_distiller.ipynb #g1000013
 def _bert(kind:str, path:str, num_labels:int, vocab:int, layers:int, hidden:int, seed:int):
     from transformers import BertConfig, BertForSequenceClassification
     seed_everything(seed)   # first: a random model, or a pretrained body whose new classifier head is random
@@ -996,130 +1108,207 @@ def _bert(kind:str, path:str, num_labels:int, vocab:int, layers:int, hidden:int,
     d = _model_dir(path, "a BERT-base fine-tuned on the task" if kind == "teacher" else "TinyBERT-4L-312D", hint)
     return BertForSequenceClassification.from_pretrained(d, num_labels=num_labels, local_files_only=True)
 
+@torch.no_grad()
+def _teacher_targets(teacher, b, pipe:DistillerPipeline, mix)->tuple[Tensor, list, Tensor|None]:
+    "The frozen teacher's logits and hidden states on a micro-batch `b` (+ its mixed copy under mixup); copies re-labelled."
+    xb, mb, tb, yb, cp = b
+    if mix is None: t = teacher(input_ids=xb, attention_mask=mb, token_type_ids=tb, output_hidden_states=True)
+    else:
+        lam, perm = mix; e = teacher.get_input_embeddings()(xb); mm = torch.maximum(mb, mb[perm])
+        t = teacher(inputs_embeds=torch.cat([e, mix_embeddings(e, lam, perm)]), attention_mask=torch.cat([mb, mm]),
+                    token_type_ids=torch.cat([tb, _mix_types(tb, lam, perm)]), output_hidden_states=True)
+    if cp.any(): yb = torch.where(cp, teacher_relabel(t.logits[:len(xb)]).to(yb.dtype), yb)   # the teacher labels the copies
+    if mix is not None: yb = torch.cat([yb, yb]) if pipe.hard_weight else None
+    return t.logits.float(), [h.float() for h in t.hidden_states], yb
+
+
+# %% ../nbs/10_distiller.ipynb #g1000015
+def _finetune_teacher(cfg:GlueDistillConfig, teacher, ds, acc, out:Path|None)->dict:
+    "Fine-tune `teacher` on `ds` (ids, mask, types, labels) on every process of `acc`, resumable under `out/teacher`."
+    seed_everything(cfg.seed); teacher.train()
+    opt = torch.optim.AdamW(teacher.parameters(), cfg.teacher_lr, weight_decay=0.01); sch = linear_warmup(opt, cfg.teacher_finetune_steps)
+    model, opt = acc.prepare(teacher, opt)
+    batches = StepLoader(ds, acc, cfg.teacher_batch_size, cfg.seed, 0)
+    loss_fn = lambda b: model(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2], labels=b[3]).loss
+    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_TEACHER_STEP", -1))  # test hook: simulate a hard kill
+    def step(i):
+        if i == crash_at and acc.is_main_process: os._exit(19)
+        loss = accumulation_step(acc, model, opt, batches(i), loss_fn); sch.step(); return loss
+    ck = Checkpointer(out/"teacher"/"checkpoints", keep=cfg.keep) if out is not None else None
+    try: fit(step, cfg.teacher_finetune_steps, ck, {"teacher": acc.unwrap_model(model)}, {"opt": opt}, {"sched": sch},
+             every=cfg.checkpoint_every, desc="teacher fine-tuning", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    finally: batches.close()
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in acc.unwrap_model(model).state_dict().items()}
+    acc.free_memory(); return sd
+
+
+# %% ../nbs/10_distiller.ipynb #g1000016
+_TEACHER_KEYS = ("task", "data_root", "teacher", "tokenizer", "teacher_layers", "teacher_hidden", "teacher_finetune_steps", "teacher_lr",
+                 "teacher_batch_size", "max_seq_length", "max_train_examples", "seed", "mixed_precision")
+
 def glue_teacher(cfg:GlueDistillConfig, num_labels:int, vocab:int,
-                 ids:Tensor, am:Tensor, labels:Tensor,   # the first len(labels) rows of (ids, am) are the fine-tuning set
-                 device="cpu"):
-    "The GLUE teacher of `cfg`, fine-tuned for `cfg.teacher_finetune_steps` first (cached) when that is > 0."
+                 ids:Tensor, am:Tensor, labels:Tensor,   # the fine-tuning set
+                 types:Tensor|None=None,                 # its token type ids (default: all segment 0)
+                 acc=None,                               # the `Accelerator` (default: a new one, e.g. in a notebook)
+                 out:Path|None=None):                    # the run folder: fine-tuning checkpoints go to out/teacher
+    "The GLUE teacher of `cfg`, fine-tuned first (on every process, resumably, then cached) when `cfg.teacher_finetune_steps` > 0."
     teacher = _bert("teacher", cfg.teacher, num_labels, vocab, cfg.teacher_layers, cfg.teacher_hidden, cfg.seed)
     if not cfg.teacher_finetune_steps: return teacher
-    def make():
-        teacher.train().to(device); opt = torch.optim.AdamW(teacher.parameters(), cfg.teacher_lr, weight_decay=0.01)
-        sch = linear_warmup(opt, cfg.teacher_finetune_steps); n0 = len(labels); seed_everything(cfg.seed)
-        def step(i):
-            idx = step_batch(n0, min(32, n0), i, cfg.seed)
-            loss = teacher(input_ids=ids[idx].to(device), attention_mask=am[idx].to(device), labels=labels[idx].to(device)).loss
-            opt.zero_grad(); loss.backward(); opt.step(); sch.step(); return loss
-        fit(step, cfg.teacher_finetune_steps, desc="teacher fine-tuning")
-        return {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
-    key = {k: getattr(cfg, k) for k in ("task", "data_root", "teacher", "tokenizer", "teacher_layers", "teacher_hidden",
-                                        "teacher_finetune_steps", "teacher_lr", "max_seq_length", "max_train_examples", "seed")}
-    teacher.load_state_dict(cached_tensors("distiller-glue-teacher", {**key, "cache_version": 2}, make))   # 2: a pretrained teacher's head is seeded
-    return teacher
+    key = {**{k: getattr(cfg, k) for k in _TEACHER_KEYS}, "cache_version": 3}   # 3: distributed phase, token types
+    sd = cached_tensors("distiller-glue-teacher", key, None, verbose=False)
+    if sd is None:
+        acc = acc or make_accelerator(cfg.mixed_precision)
+        ds = torch.utils.data.TensorDataset(ids, am, torch.zeros_like(ids) if types is None else types, labels)
+        sd = _finetune_teacher(cfg, teacher, ds, acc, out)
+        if acc.is_main_process: cached_tensors("distiller-glue-teacher", key, lambda: sd)
+        acc.wait_for_everyone()
+        sd = cached_tensors("distiller-glue-teacher", key, lambda: sd)    # every process reads the main process's file
+    teacher.load_state_dict(sd); return teacher
 
-def _glue_metric(task:str, pred:Tensor, y:Tensor)->dict:
-    if task == "STS-B":
-        p, t = pred.float().flatten(), y.float()
-        return {"pearson": float(torch.corrcoef(torch.stack([p, t]))[0, 1])}
-    acc = float((pred == y).float().mean()); out = {"accuracy": acc}
-    tp, fp, fn = [float(((pred == a) & (y == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1))]
-    out["f1"] = 2 * tp / max(1e-9, 2 * tp + fp + fn)
-    if task == "CoLA":
-        tn = float(((pred == 0) & (y == 0)).sum()); den = math.sqrt(max(1e-12, (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-        out["mcc"] = (tp * tn - fp * fn) / den
-    return out
+
+# %% ../nbs/10_distiller.ipynb #g1000018
+@torch.no_grad()
+def glue_predict(model, dl, acc, regression:bool=False)->tuple[Tensor, Tensor]:
+    "Predictions (class ids, or scores) and labels over a prepared dev loader, gathered from every process (duplicates dropped)."
+    was = model.training; model.eval(); ps, ys = [], []
+    for ids, am, tt, y in dl:
+        with acc.autocast(): z = model(input_ids=ids, attention_mask=am, token_type_ids=tt).logits.float()
+        p, y = acc.gather_for_metrics((z.squeeze(-1) if regression else z.argmax(-1), y))
+        ps.append(p.cpu()); ys.append(y.cpu())
+    model.train(was); return torch.cat(ps), torch.cat(ys)
+
+def glue_evaluate(model, dls:dict, acc, task:str)->dict:
+    "The official dev metrics of `model` on each dev loader (MNLI: 'mnli-m', 'mnli-mm'), and 'score' (`glue_score`)."
+    out = {}
+    with rng_preserved():            # evaluating never moves the training's random streams
+        for name, dl in dls.items():
+            m = glue_metrics(task, *glue_predict(model, dl, acc, task == "STS-B"))
+            if task == "MNLI": out[name] = m["accuracy"]
+            else: out.update(m)
+    return {**out, "score": glue_score(task, out)}
+
+class TeacherCheckError(ConfigError):
+    "The teacher does no better than the constant predictor on the dev set."
+
+def check_teacher(task:str, m:dict, y_dev:Tensor)->str:
+    "One line comparing the teacher's dev metrics `m` with the constant predictor's; a `TeacherCheckError` if not better."
+    if task == "STS-B": what, got, base = "Pearson", m["pearson"], 0.0
+    else: what, got, base = "accuracy", m.get("accuracy", m.get("mnli-m")), float(torch.bincount(y_dev).max()) / len(y_dev)
+    line = f"dev {what} {got:.4f} against {base:.4f} for the constant predictor"
+    if not got > base:
+        raise TeacherCheckError(f"the teacher fails its dev-set check: {line}; check the teacher folder and its label order, "
+                                f"or fine-tune it longer (teacher_finetune_steps), or set teacher_dev_check: false to run anyway")
+    return f"passed: {line}"
+
+
+# %% ../nbs/10_distiller.ipynb #g1000021
+def _student(cfg:GlueDistillConfig, d:GlueData, teacher, acc):
+    "The student and its Distiller loss in one module, AdamW (no decay on biases and norms) and the schedule, prepared."
+    student = _bert("student", cfg.student, d.num_labels, d.vocab, cfg.student_layers, cfg.student_hidden, cfg.seed + 1)
+    tc, sc = teacher.config, student.config
+    seed_everything(cfg.seed)
+    crit = DistillerLoss(cfg.pipeline, sc.hidden_size, tc.hidden_size, sc.num_hidden_layers, tc.num_hidden_layers, d.num_labels,
+                         mi_heads=cfg.critic_heads)
+    model = _StudentWithLoss(student, crit)
+    decay = [p for p in model.parameters() if p.ndim >= 2]; rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], cfg.lr, eps=1e-8)
+    spe = math.ceil(len(d.train) / cfg.batch_size); steps = cfg.steps or max(1, math.ceil(cfg.epochs * spe))
+    sch = linear_warmup(opt, steps, cfg.warmup)
+    model, opt = acc.prepare(model, opt)
+    return model, opt, sch, steps, spe
+
+def _state(m:nn.Module)->dict: return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+
+def _eval_epoch(cfg, acc, model, dls, hist:list, i:int, spe:int, out:Path):
+    "Dev metrics after step `i` into `hist` (and out/dev_history.json); a new best epoch's student into out/best_student.safetensors."
+    s = acc.unwrap_model(model).student; m = glue_evaluate(s, dls, acc, cfg.task)
+    best = all(m["score"] > h["score"] for h in hist); hist.append({"step": i, "epoch": round((i + 1) / spe, 3), **m})
+    if acc.is_main_process:
+        if best: save_tensors(out/"best_student.safetensors", _state(s))
+        atomic_write_json(out/"dev_history.json", hist)
+
+
+# %% ../nbs/10_distiller.ipynb #g1000022
+def _fit_student(cfg:GlueDistillConfig, d:GlueData, teacher, acc, model, opt, sch, steps:int, spe:int, dls:dict, out:Path):
+    "Resumable KD steps through the engine, the dev metrics after every epoch: (fit's result, dev history, StepLoader)."
+    pipe = cfg.pipeline; batches = StepLoader(d.train, acc, cfg.batch_size, cfg.seed, cfg.num_workers)
+    f = out/"dev_history.json"; hist = json.loads(f.read_text()) if f.exists() else []
+    cur = {"step": 0, "micro": 0, "first": True}
+    def loss_fn(b):
+        mix = None
+        if pipe.mixup:   # seeded per step, process and micro-batch
+            s = ((cfg.seed * 1_000_003 + cur["step"]) * 131 + acc.process_index) * 17 + cur["micro"]
+            lam, perm = mixup_params(len(b[0]), pipe.mixup_alpha, s); mix = (lam, perm.to(acc.device))
+        cur["micro"] += 1
+        t_logits, t_hidden, yb = _teacher_targets(teacher, b, pipe, mix)
+        return model(b[0], b[1], t_logits, t_hidden, yb, mix, types=b[2])
+    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))          # test hook: simulate a hard kill
+    def step(i):
+        if cur["first"]: hist[:] = [h for h in hist if h["step"] < i]; cur["first"] = False   # a resume recomputes the rest
+        if i == crash_at and acc.is_main_process: os._exit(17)
+        cur["step"], cur["micro"] = i, 0
+        loss = accumulation_step(acc, model, opt, batches(i), loss_fn); sch.step()
+        if (i + 1) % spe == 0 or i == steps - 1: _eval_epoch(cfg, acc, model, dls, hist, i, spe, out)
+        return loss
+    try: res = fit(step, steps, Checkpointer(out/"checkpoints", keep=cfg.keep), {"model": acc.unwrap_model(model)}, {"opt": opt},
+                   {"sched": sch}, every=cfg.checkpoint_every, desc="distil", is_main=acc.is_main_process,
+                   barrier=acc.wait_for_everyone)
+    finally: batches.close()
+    return res, hist, batches
+
 
 # %% ../nbs/10_distiller.ipynb #30b01a05
 @launcher("distiller", GlueDistillConfig)
 def glue_distill(cfg:GlueDistillConfig, out:Path)->dict:
-    "Distiller on one GLUE task under accelerate: teacher (frozen, live) -> student with the configured pipeline, resumable."
-    from transformers import AutoTokenizer
+    "Distiller on one GLUE task under accelerate: data, teacher (fine-tuned as its own phase if asked, dev-checked), student evaluated each epoch; resumable."
     from transformers.utils import logging as hf_logging
-    from distill_nb.data import GLUE_TASKS, load_glue, minilm_path
     hf_logging.set_verbosity_error()
-    acc = make_accelerator(cfg.mixed_precision); out = Path(out); pipe = cfg.pipeline
-    if cfg.task not in GLUE_TASKS: raise ConfigError(f"unknown GLUE task {cfg.task!r}; valid: {', '.join(GLUE_TASKS)}")
-    names = GLUE_TASKS[cfg.task]["labels"]; num_labels = len(names) if names else 1
-    pipe.check(num_labels, 1, 1)                                            # e.g. CE-KD on STS-B's regression head, before any work
-    train, dev = load_glue(cfg.task, "train", cfg.data_root or None), load_glue(cfg.task, "dev", cfg.data_root or None)
-    if cfg.max_train_examples: train.texts, train.labels = train.texts[:cfg.max_train_examples], train.labels[:cfg.max_train_examples]
-    check_labels(train.labels, num_labels, f"GLUE {cfg.task} training set")
-    tok_dir = minilm_path() if cfg.tokenizer == "minilm" else cfg.tokenizer or cfg.teacher
-    if cfg.tokenizer != "minilm": _model_dir(tok_dir, "the teacher's tokenizer", "or set tokenizer: minilm for smoke tests")
-    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    texts = list(train.texts); labels = train.labels; is_copy = torch.zeros(len(texts), dtype=torch.bool)
-    if pipe.augmenters:   # augmented copies; the live teacher re-labels them at every step (its logits are the KD target)
-        aug = TextAugmenter(pipe.augmenters, pipe.aug_p)
-        if isinstance(texts[0], tuple): copies = [tuple(aug(t, random.Random(cfg.seed * 7919 + k * 2 + j)) for j, t in enumerate(p)) for k, p in enumerate(texts) for _ in range(pipe.n_aug)]
-        else: copies, _ = augment_texts(texts, aug, pipe.n_aug, cfg.seed)
-        texts = texts + list(copies); labels = torch.cat([labels, labels.repeat_interleave(pipe.n_aug)]); is_copy = torch.cat([is_copy, torch.ones(len(copies), dtype=torch.bool)])
-    ids, am = encode(tok, texts, cfg.max_seq_length); dev_ids, dev_am = encode(tok, dev.texts, cfg.max_seq_length)
-    with acc.main_process_first():   # one process fine-tunes (if asked), the others load the cache
-        teacher = glue_teacher(cfg, num_labels, tok.vocab_size, ids, am, train.labels, acc.device)
-    teacher = teacher.eval().requires_grad_(False).to(acc.device)           # frozen: not prepared, not DDP-wrapped
-    student = _bert("student", cfg.student, num_labels, tok.vocab_size, cfg.student_layers, cfg.student_hidden, cfg.seed + 1)
-    tc, sc = teacher.config, student.config
-    seed_everything(cfg.seed)
-    crit = DistillerLoss(pipe, sc.hidden_size, tc.hidden_size, sc.num_hidden_layers, tc.num_hidden_layers, num_labels, mi_heads=cfg.critic_heads)
-    model = _StudentWithLoss(student, crit)
-    decay = [p for p in model.parameters() if p.ndim >= 2]; rest = [p for p in model.parameters() if p.ndim < 2]  # no decay on biases, norms
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], cfg.lr, eps=1e-8)
-    steps = cfg.steps or max(1, int(math.ceil(cfg.epochs * len(texts) / cfg.batch_size)))
-    sch = linear_warmup(opt, steps, cfg.warmup)
-    model, opt = acc.prepare(model, opt)
-    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))          # test hook: simulate a hard kill
-    rank, world = acc.process_index, acc.num_processes
-    if cfg.batch_size % world: raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
-    def step(i):
-        if i == crash_at and acc.is_main_process: os._exit(17)
-        idx = step_batch(len(texts), cfg.batch_size, i, cfg.seed)[rank::world]
-        xb, mb = ids[idx].to(acc.device), am[idx].to(acc.device)
-        mix = mixup_params(len(idx), pipe.mixup_alpha, cfg.seed * 1_000_003 + i) if pipe.mixup else None
-        with torch.no_grad():
-            if mix is None: t = teacher(input_ids=xb, attention_mask=mb, output_hidden_states=True)
-            else:
-                e = teacher.get_input_embeddings()(xb); lam, perm = mix; mm = torch.maximum(mb, mb[perm])
-                t = teacher(inputs_embeds=torch.cat([e, mix_embeddings(e, lam, perm)]), attention_mask=torch.cat([mb, mm]), output_hidden_states=True)
-        yb = labels[idx].to(acc.device); cp = is_copy[idx].to(acc.device)
-        if cp.any(): yb = torch.where(cp, teacher_relabel(t.logits[:len(idx)]).to(yb.dtype), yb)   # the teacher re-labels copies
-        if mix is not None: yb = None if not pipe.hard_weight else torch.cat([yb, yb])
-        with acc.autocast():
-            loss = model(xb, mb, t.logits, list(t.hidden_states), yb, (mix[0], mix[1].to(acc.device)) if mix else None)
-        opt.zero_grad(); acc.backward(loss); opt.step(); sch.step()
-        return acc.reduce(loss.detach(), "mean")
-    ck = Checkpointer(out/"checkpoints", keep=cfg.keep)
-    res = fit(step, steps, ck, {"model": acc.unwrap_model(model)}, {"opt": opt}, {"sched": sch}, every=cfg.checkpoint_every,
-              desc="distil", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    for b in (cfg.batch_size,) + ((cfg.teacher_batch_size,) if cfg.teacher_finetune_steps else ()):
+        split_batch(b, cfg.gradient_accumulation_steps)                     # an uneven split fails before any process group
+    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps); out = Path(out)
+    d = glue_data(cfg, _glue_tokenizer(cfg)); tr = d.train.tensors; n0 = d.n_orig
+    teacher = glue_teacher(cfg, d.num_labels, d.vocab, tr[0][:n0], tr[1][:n0], tr[3][:n0], tr[2][:n0], acc, out)
+    teacher = freeze(teacher, acc)                                          # not prepared: no DDP, weight dtype
+    dls = {n: acc.prepare(torch.utils.data.DataLoader(ds, cfg.eval_batch_size)) for n, ds in d.devs.items()}
+    t_dev = glue_evaluate(teacher, dls, acc, cfg.task); y_dev = next(iter(d.devs.values())).tensors[3]
+    check = check_teacher(cfg.task, t_dev, y_dev) if cfg.teacher_dev_check else "not checked (teacher_dev_check: false)"
+    model, opt, sch, steps, spe = _student(cfg, d, teacher, acc)
+    res, hist, batches = _fit_student(cfg, d, teacher, acc, model, opt, sch, steps, spe, dls, out)
     acc.wait_for_everyone()
-    summary = {"task": cfg.task, "steps": steps, "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": world,
-               "pipeline": pipe.name, "n_train": len(texts)}
+    best = max(hist, key=lambda h: h["score"])                              # the first of equal scores
+    summary = {"task": cfg.task, "steps": steps, "steps_per_epoch": spe, "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"],
+               "world_size": acc.num_processes, "per_device_batch": batches.micro, "gradient_accumulation_steps": batches.accumulation,
+               "mixed_precision": str(acc.mixed_precision), "pipeline": cfg.pipeline.name, "n_train": len(d.train),
+               "selection_metric": GLUE_METRIC.get(cfg.task, "accuracy"), "teacher_dev": t_dev, "teacher_check": check,
+               "student_dev_last": hist[-1], "student_dev_selected": {**best, "label": "dev-selected (best epoch on this dev set: optimistic)"},
+               "dev_history": hist}
     if acc.is_main_process:
-        s = acc.unwrap_model(model).student.eval()
-        with torch.no_grad():
-            dev_y = dev.labels
-            pred = lambda m: torch.cat([m(input_ids=dev_ids[i:i+256].to(acc.device), attention_mask=dev_am[i:i+256].to(acc.device)).logits.float().cpu()
-                                        for i in range(0, len(dev_ids), 256)])
-            ps, pt = pred(s), pred(teacher)
-            post = (lambda z: z.squeeze(-1)) if num_labels == 1 else (lambda z: z.argmax(-1))
-            summary["student_dev"], summary["teacher_dev"] = _glue_metric(cfg.task, post(ps), dev_y), _glue_metric(cfg.task, post(pt), dev_y)
-        save_tensors(out/"student.safetensors", {k: v.contiguous() for k, v in s.state_dict().items()})
+        s = acc.unwrap_model(model).student
+        save_tensors(out/"student.safetensors", _state(s))
         (out/"student_config.json").write_text(s.config.to_json_string())
-        (out/"summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(out/"summary.json", summary)
     return summary
+
 
 # %% ../nbs/10_distiller.ipynb #bcd489ce
 def write_synthetic_glue(root:str|Path, task:str="SST-2", n_train:int=64, n_dev:int=32, seed:int=0)->Path:
-    "A tiny GLUE-format folder (root/GLUE/<task>/{train,dev}.tsv) with a learnable word-level rule, for smoke tests."
-    if task not in ("SST-2", "STS-B"): raise ValueError(f"write_synthetic_glue: supports 'SST-2' and 'STS-B', got {task!r}")
-    rng = random.Random(seed); pos, neg, filler = ["good", "great", "fine", "happy"], ["bad", "awful", "sad", "poor"], ["the", "movie", "was", "a", "plot", "very", "and"]
-    d = Path(root)/"GLUE"/task; d.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
+    "A tiny GLUE-format folder (root/GLUE/<task>/) with a learnable word-level rule, for smoke tests: SST-2, STS-B or MNLI (both dev sets)."
+    if task not in ("SST-2", "STS-B", "MNLI"): raise ValueError(f"write_synthetic_glue: supports 'SST-2', 'STS-B' and 'MNLI', got {task!r}")
+    rng = random.Random(seed); filler = ["the", "movie", "was", "a", "plot", "very", "and"]
+    cue = [["bad", "awful", "sad", "poor"], ["good", "great", "fine", "happy"], ["maybe", "perhaps", "some", "might"]]
+    k = 3 if task == "MNLI" else 2; d = Path(root)/"GLUE"/task; d.mkdir(parents=True, exist_ok=True)
+    splits = ("train", "dev_matched", "dev_mismatched") if task == "MNLI" else ("train", "dev")
+    head = {"SST-2": "sentence\tlabel", "STS-B": "sentence1\tsentence2\tscore", "MNLI": "sentence1\tsentence2\tgold_label"}[task]
+    for split in splits:
         rows = []
-        for i in range(n):
-            y = i % 2; w = [rng.choice(filler) for _ in range(rng.randint(3, 8))]; w.insert(rng.randrange(len(w) + 1), rng.choice(pos if y else neg))
-            rows.append((" ".join(w), str(y)) if task == "SST-2" else (" ".join(w), " ".join(reversed(w)), f"{5.0 * y:.1f}"))
-        head = "sentence\tlabel" if task == "SST-2" else "sentence1\tsentence2\tscore"
+        for i in range(n_train if split == "train" else n_dev):
+            y = i % k; w = [rng.choice(filler) for _ in range(rng.randint(3, 8))]; w.insert(rng.randrange(len(w) + 1), rng.choice(cue[y]))
+            if task == "SST-2": rows.append((" ".join(w), str(y)))
+            elif task == "STS-B": rows.append((" ".join(w), " ".join(reversed(w)), f"{5.0 * y:.1f}"))
+            else: rows.append((" ".join(rng.choice(filler) for _ in range(4)), " ".join(w), ("contradiction", "entailment", "neutral")[y]))
         (d/f"{split}.tsv").write_text(head + "\n" + "\n".join("\t".join(r) for r in rows) + "\n")
     return Path(root)
+
 
 # %% ../nbs/10_distiller.ipynb #12f7338a
 def _time(fn, reps:int)->float:

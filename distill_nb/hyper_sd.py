@@ -19,9 +19,9 @@ __all__ = ['STEPS', 'MLP_LORA_TARGETS', 'T_MAXES', 'LORA_FILE', 'LORA_META', 'PA
            'stroke_contrast', 'Segmenter', 'fg_mask', 'digits_segmenter', 'FeedbackConfig', 'refl_x0',
            'train_feedback_lora', 'UnifiedConfig', 'train_unified', 'h3_unified', 'h3_checks', 'RingDMDConfig',
            'ring_one_step', 'h3_ring_dmd', 'sampling_speed', 'HyperSDFullConfig', 'check_base_model', 'HashTokenizer',
-           'tiny_sd', 'load_sd', 'encode_prompts', 'ClipMLPReward', 'SegFeedback', 'load_reward_model',
-           'load_seg_model', 'UNetFeatureDisc', 'unet_mid_features', 'TableCondUNet', 'dmd_t_range', 'SyncedOptimizer',
-           'full_phases', 'hyper_sd_full', 'show_results']
+           'tiny_sd', 'load_sd', 'encode_prompts', 'sd_pipeline', 'lora_load_check', 'ClipMLPReward', 'SegFeedback',
+           'load_reward_model', 'load_seg_model', 'UNetFeatureDisc', 'unet_mid_features', 'base_adv_grad',
+           'TableCondUNet', 'dmd_t_range', 'SyncedOptimizer', 'full_phases', 'hyper_sd_full', 'show_results']
 
 # %% ../nbs/50_hyper_sd.ipynb #ea9808ca
 import numpy as np
@@ -606,13 +606,17 @@ class HyperSDPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 # %% ../nbs/50_hyper_sd.ipynb #539c3314
 LORA_FILE, LORA_META = "pytorch_lora_weights.safetensors", "hyper_sd_lora.json"
 
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+
 def save_lora(unet:UNet2DConditionModel, adapter:str, out_dir, steps=STEPS, num_classes:int=10)->Path:
-    "Save adapter `adapter` of `unet` in diffusers' LoRA format (+ hyper_sd_lora.json metadata)."
+    "Save adapter `adapter` of `unet` as diffusers loads it (peft key names for every target, LoraConfig as metadata) + hyper_sd_lora.json."
     from peft.utils import get_peft_model_state_dict
-    from diffusers.utils import convert_state_dict_to_diffusers
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
-    HyperSDPipeline.save_lora_weights(out, unet_lora_layers=sd, safe_serialization=True)
+    sd = get_peft_model_state_dict(unet, adapter_name=adapter)   # <module>.lora_A/B.weight, adapter name removed
+    bad = [k for k in sd if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if bad: raise ValueError(f"save_lora writes plain LoRA layers; adapter {adapter!r} also has {bad[:3]} (DoRA, LoRA bias?)")
+    HyperSDPipeline.save_lora_weights(out, unet_lora_layers=sd, safe_serialization=True,   # adds the `unet.` prefix
+                                      unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
     meta = {"steps": list(steps), "num_classes": num_classes, "rank": unet.peft_config[adapter].r,
             "shapes": {k: list(v.shape) for k, v in sd.items()}}
     (out/LORA_META).write_text(json.dumps(meta, indent=1)); return out
@@ -670,7 +674,7 @@ def lora_round_trip(out_dir, teacher_steps:int=60, iters:int=24, n:int=8, seed:i
     tea = TokenCondUNet(tiny_unet())
     train_eps_model(tea, tensor_batches(x, y, dequant=True), teacher_steps, 1e-3, 64, seed, p_uncond=0.1, desc="tiny unet teacher")
     tea.eval().requires_grad_(False); tea.unet.save_pretrained(d/"unet")
-    stu = copy.deepcopy(tea); add_lora(stu.unet, "tscd", r=4, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    stu = copy.deepcopy(tea); add_lora(stu.unet, "tscd", r=4, targets=_LORA_TARGETS)
     q = [iters // 4] * 4; q[-1] += iters - sum(q)
     out = consistency_distill(tea, tensor_batches(x, y, dequant=True), Stages([8, 4, 2, 1], q, [0.0] * 4), student=stu,
                               lr=1e-3, batch_size=32, seed=seed, guidance=(2.0, 2.0), desc="tiny unet tscd")
@@ -1102,6 +1106,63 @@ def _index_cond(c:dict, rows:Tensor)->dict:
     if "added_cond_kwargs" in c: out["added_cond_kwargs"] = {k: v[rows] for k, v in c["added_cond_kwargs"].items()}
     return out
 
+# %% ../nbs/50_hyper_sd.ipynb #c8d2b1e1
+def sd_pipeline(parts:dict):
+    "The real diffusers pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline with a second text encoder) from `tiny_sd`/`load_sd` parts."
+    import warnings
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    kw = {k: parts[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    with warnings.catch_warnings():   # the scheduler-config deprecation notices of SD1.5-era configs
+        warnings.simplefilter("ignore", FutureWarning)
+        if "text_encoder_2" in parts: return StableDiffusionXLPipeline(**kw, text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"])
+        return StableDiffusionPipeline(**kw, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+def _loader_warnings(fn)->list[str]:
+    "Run fn(); the LoRA-related warnings it raised (peft's warnings, diffusers' log), the no-text-encoder-LoRA notes left out."
+    import logging, warnings
+    msgs = []; h = logging.Handler(); h.emit = lambda r: msgs.append(r.getMessage())
+    lg = logging.getLogger("diffusers"); kept = lg.handlers[:]; lg.handlers = [h]   # captured here, not printed
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        try: fn()
+        finally: lg.handlers = kept
+    msgs += [str(w.message) for w in ws]
+    return [m for m in msgs if ("lora" in m.lower() or "peft" in m.lower()) and not m.startswith("No LoRA keys associated to")]
+
+# %% ../nbs/50_hyper_sd.ipynb #c8d2b1e2
+def lora_load_check(arch:str="sd15",   # "sd15", "sdxl" (real diffusers pipelines) or "digits" (HyperSDPipeline)
+                    targets:list|None=None, # LoRA target modules (default: the launcher's `_LORA_TARGETS`)
+                    r:int=4, alpha:float=8.0, seed:int=0,
+                    save=None,              # save(unet, adapter, dir); default `save_lora`
+                   )->dict:
+    "Save a perturbed LoRA on every target, load it into a fresh pipeline with `load_lora_weights`: tensors loaded and max |Δ| to the trained UNet."
+    import tempfile
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    parts = {"unet": tiny_unet()} if arch == "digits" else tiny_sd(arch, seed)
+    base = parts["unet"].eval(); trained = copy.deepcopy(base)
+    trained.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or _LORA_TARGETS), "trained")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n: p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    C, S = base.config.in_channels, base.config.sample_size; x, t = torch.randn(2, C, S, S, generator=g), torch.tensor([10, 700])
+    cond = ({"encoder_hidden_states": class_tokens(10, base.config.cross_attention_dim)[[3, 10]]} if arch == "digits"
+            else encode_prompts(parts, ["a red square", ""], arch, 16, "cpu"))
+    fresh = {**parts, "unet": copy.deepcopy(base)}
+    pipe = HyperSDPipeline(fresh["unet"], matching_scheduler("tcd")) if arch == "digits" else sd_pipeline(fresh)
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        (save or save_lora)(trained, "trained", d); f = load_file(Path(d)/LORA_FILE)
+        warns = _loader_warnings(lambda: pipe.load_lora_weights(d, adapter_name="loaded"))
+        ref, b0, out = (m(x, t, **cond).sample for m in (trained, base, pipe.unet))
+        pipe.fuse_lora(); fused = pipe.unet(x, t, **cond).sample
+    sd = pipe.unet.state_dict()   # loaded keys: <module>.lora_A.loaded.weight
+    name = lambda k: k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.").replace(".weight", ".loaded.weight")
+    loaded = sum(name(k) in sd and torch.equal(sd[name(k)], v) for k, v in f.items())
+    return {"arch": arch, "file_tensors": len(f), "loaded": loaded, "unet_lora_tensors": sum(".loaded." in k for k in sd),
+            "lora_effect": (ref - b0).abs().max().item(), "max_diff": (out - ref).abs().max().item(),
+            "max_diff_fused": (fused - ref).abs().max().item(), "warnings": warns}
+
 # %% ../nbs/50_hyper_sd.ipynb #4b1b06c3
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _IMNET_MEAN, _IMNET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -1173,6 +1234,21 @@ def unet_mid_features(unet:UNet2DConditionModel, x:Tensor, t:Tensor, cond:dict)-
     try: unet(x, t, **cond)
     finally: h.remove()
     return feats["f"]
+
+# %% ../nbs/50_hyper_sd.ipynb #b7c1a0d3
+def base_adv_grad(unet:UNet2DConditionModel,  # the UNet with adapters (turned off here, back on after)
+                  disc:nn.Module,             # the discriminator head on mid-block features
+                  x:Tensor, t:Tensor, cond:dict, # jumped points, their timesteps and conditioning
+                  autocast=None,              # e.g. accelerate's `acc.autocast`
+                 )->tuple:                    # (−D(f(x)).mean() detached, its gradient w.r.t. x)
+    "The generator's hinge term through the frozen base UNet and its gradient w.r.t. x: forward and backward with every adapter off."
+    import contextlib
+    xl = x.detach().requires_grad_(True); unet.disable_adapters()
+    try:
+        with (autocast() if autocast else contextlib.nullcontext()): adv = -disc(unet_mid_features(unet, xl, t, cond)).mean()
+        g, = torch.autograd.grad(adv, xl)
+    finally: unet.enable_adapters()
+    return adv.detach(), g
 
 # %% ../nbs/50_hyper_sd.ipynb #66683ccd
 class TableCondUNet(nn.Module):
@@ -1252,8 +1328,6 @@ def full_phases(cfg:HyperSDFullConfig)->list[tuple]:
     return out
 
 # %% ../nbs/50_hyper_sd.ipynb #3aec0844
-_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
-
 @launcher("hyper_sd", HyperSDFullConfig)
 def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
     "The Hyper-SD pipeline for SD1.5/SDXL under accelerate: TSCD stages (MSE + rising adversarial term), the feedback LoRA (merged), DMD + MSE; resumable in every phase."
@@ -1346,12 +1420,12 @@ def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
             unet.set_adapter("ema"); e_tgt = eps_of(unet, x_prev, t_prev, cond); use("default", "default")
             tgt = jump_target(x_t, e_tea, t_n, x_prev, e_tgt, t_prev, t_end, crossed, ac)
         with acc.autocast(): pred = psi(x_t, eps_of(unet, x_t, t_n, cond), t_n, t_end, ac)
-        loss = (1 - aw) * F.mse_loss(pred, tgt)
+        loss = surrogate = (1 - aw) * F.mse_loss(pred, tgt)
         if aw > 0:                      # generator side of the hinge GAN through the frozen base UNet's features
-            te = t_end.clamp(min=0); unet.disable_adapters()
-            with acc.autocast(): loss = loss - aw * disc(unet_mid_features(unet, pred, te, cond)).mean()
-            unet.enable_adapters(); train_only(unet, "default")
-        opts["opt"].zero_grad(); loss.backward(); opts["opt"].step()
+            te = t_end.clamp(min=0)
+            adv, g_pred = base_adv_grad(unet, disc, pred, te, cond, acc.autocast); train_only(unet, "default")
+            loss, surrogate = loss + aw * adv, surrogate + aw * (pred * g_pred).sum()   # same gradient, one adapter state per graph
+        opts["opt"].zero_grad(); surrogate.backward(); opts["opt"].step()
         if aw > 0:
             unet.disable_adapters()
             with torch.no_grad(), acc.autocast():

@@ -9,9 +9,10 @@ from typing import Callable
 
 # %% auto #0
 __all__ = ['GiB', 'OPT_STATES', 'DTYPE_BYTES', 'PLANNERS', 'DDPM_CIFAR10', 'SD15_UNET', 'SDXL_UNET', 'SD_VAE', 'CLIP_L_TEXT',
-           'CLIP_G_TEXT', 'CLIP_L_VISION', 'param_counts', 'memory', 'LiveBytes', 'measure_peak', 'materialize', 'Act',
-           'Phase', 'planner', 'activation_line', 'Row', 'plan_phase', 'find_knob', 'hinton_phases', 'distiller_phases',
-           'disback_phases', 'diswot_phases', 'similar_phases', 'hyper_sd_phases', 'load_config', 'plan', 'plan_table']
+           'CLIP_G_TEXT', 'CLIP_L_VISION', 'DRY_RUNS', 'param_counts', 'memory', 'LiveBytes', 'measure_peak',
+           'materialize', 'Act', 'Phase', 'planner', 'activation_line', 'Row', 'plan_phase', 'find_knob',
+           'hinton_phases', 'distiller_phases', 'disback_phases', 'diswot_phases', 'similar_phases', 'hyper_sd_phases',
+           'load_config', 'plan', 'plan_table', 'randomize', 'dry_run_here', 'dry_run', 'dry_run_case', 'dry_run_table']
 
 # %% ../nbs/07b_plan.ipynb #b7p00003
 import torch
@@ -85,13 +86,14 @@ def measure_peak(step:Callable, mods:dict, b:int, autocast:bool=False)->int:
 def materialize(mods:dict, weight_dtype=torch.float32, all_params:bool=False)->dict:
     "Modules built on the meta device, allocated on CPU and zero-filled (shapes matter, values do not); frozen weights in `weight_dtype`."
     for m in mods.values():        # tensor by tensor, straight in the final dtype: never a full fp32 copy of a large frozen model
+        frozen = not any(p.requires_grad for p in m.parameters())   # a frozen model's float buffers too (BN statistics), as `launch.freeze` casts it
         for mod in m.modules():
             for n, p in list(mod._parameters.items()):
                 if p is None: continue
                 dt = weight_dtype if (all_params or not p.requires_grad) and p.is_floating_point() else p.dtype
                 mod._parameters[n] = nn.Parameter(torch.zeros(p.shape, dtype=dt), requires_grad=p.requires_grad)
             for n, b in list(mod._buffers.items()):
-                if b is not None: mod._buffers[n] = torch.zeros(b.shape, dtype=b.dtype)
+                if b is not None: mod._buffers[n] = torch.zeros(b.shape, dtype=weight_dtype if frozen and b.is_floating_point() else b.dtype)
     return mods
 
 # %% ../nbs/07b_plan.ipynb #b7p00015
@@ -161,7 +163,8 @@ def _cache_file()->Path:
     return cache_dir("plan")/"activations.json"
 
 def _piece_line(a:Act, ph:Phase, key:str, weight_dtype, autocast:bool, cache:bool)->tuple[float, float]:
-    k = hashlib.sha256(f"{key}|{torch.__version__}|{autocast}|{weight_dtype}".encode()).hexdigest()[:16]
+    bs = "" if tuple(a.batches) == (1, 2) else f"|b{tuple(a.batches)}"     # the measurement batches (the default keeps older keys)
+    k = hashlib.sha256(f"{key}|{torch.__version__}|{autocast}|{weight_dtype}{bs}".encode()).hexdigest()[:16]
     if k in _MEASURED: return _MEASURED[k]
     f = _cache_file()
     disk = json.loads(f.read_text()) if cache and f.exists() else {}
@@ -378,14 +381,14 @@ def diswot_phases(cfg)->list[Phase]:
         z = m["student"](x)
         (cfg.gamma * F.cross_entropy(z, torch.zeros(b, dtype=torch.long)) + cfg.alpha * F.kl_div(
             F.log_softmax(z / cfg.T, -1), F.softmax(tb.float() / cfg.T, -1), reduction="batchmean")).backward()
-    out = []
+    out = []                     # measured at batches 2 and 4: train-mode BN needs 2 samples where a small input ends at 1x1
     if cfg.teacher_weights or cfg.dataset == "imagenet":
         note = "loaded from teacher_weights (not trained)"
     else:
-        out.append(Phase("teacher", lambda: {"teacher": teacher()}, "sgd-momentum", cfg.teacher_batch_size, acts=[Act(t_step)]))
+        out.append(Phase("teacher", lambda: {"teacher": teacher()}, "sgd-momentum", cfg.teacher_batch_size, acts=[Act(t_step, batches=(2, 4))]))
         note = ""
     out.append(Phase("KD of the winner", lambda: {"teacher": _frozen(teacher()), "student": space.build(arch)}, "sgd-momentum",
-                     cfg.batch_size, acts=[Act(s_step)], note=f"student: the space's largest member {arch} (upper bound); teacher {note or 'in-repo'}"))
+                     cfg.batch_size, acts=[Act(s_step, batches=(2, 4))], note=f"student: the space's largest member {arch} (upper bound); teacher {note or 'in-repo'}"))
     return out
 
 # %% ../nbs/07b_plan.ipynb #b7p00025
@@ -485,6 +488,7 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
     @functools.lru_cache(None)      # the same meta modules for the phases that train the same adapter (the TSCD stages)
     def base(train:str):
         u = unet(adapters)
+        u.set_adapters(["default", "feedback"]) if train == "feedback" else u.set_adapter(train)   # active as in the launcher (add_adapter leaves the last one on)
         for n, q in u.named_parameters(): q.requires_grad_(f".{train}." in n)
         mods = {"unet": u, "vae": _frozen(AutoencoderKL(**SD_VAE)), "text_encoder": _frozen(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)))}
         if cfg.arch == "sdxl": mods["text_encoder_2"] = _frozen(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT)))
@@ -579,3 +583,172 @@ def plan_table(rows:list[Row], gpu_mem:float=80)->str:
                    f"{_b(r.optimizer)} | {_b(r.activations)} | {_b(r.peak)} | {'yes' if r.fits else 'NO'} | {r.knob or '-'} |")
     notes = sorted({r.note for r in rows if r.note and (r.trained or r.frozen or r.fits)})
     return "\n".join(out + [""] + [f"- {n}" for n in notes])
+
+# %% ../nbs/07b_plan.ipynb #b7p00041
+def _rss()->int:
+    "This process's resident memory now, in bytes (Linux)."
+    import resource
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+def _maxrss()->int:
+    "This process's peak resident memory so far, in bytes (`ru_maxrss` is in KiB on Linux)."
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def randomize(mods:dict, seed:int=0)->dict:
+    "Random weights in place, in each tensor's own dtype: matrices N(0, 1/fan_in), 1-d weights (norm scales) 1, biases 0, BN running variances 1."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in mods.values():
+            for n, p in m.named_parameters():
+                if not p.is_floating_point(): continue
+                if p.ndim >= 2: p.normal_(0, p[0].numel() ** -0.5, generator=g)
+                elif n.endswith("weight"): p.fill_(1.)
+                else: p.zero_()
+            for n, b in m.named_buffers():
+                if n.endswith("running_var"): b.fill_(1.)
+    return mods
+
+def _warm_up(autocast:bool, optimizer:str):
+    "A few-MB step through the usual kernels (conv, norms, attention, embedding; autocast and the optimizer as asked), so that lazily loaded code and thread pools are part of the baseline."
+    m = nn.ModuleDict(dict(e=nn.Embedding(100, 64), c=nn.Conv2d(4, 64, 3, padding=1), bn=nn.BatchNorm2d(64), gn=nn.GroupNorm(8, 64),
+                           ln=nn.LayerNorm(64), a=nn.MultiheadAttention(64, 4, batch_first=True), l=nn.Linear(64, 10)))
+    opt = _make_opt(optimizer, list(m.parameters()))
+    for _ in range(2):
+        with (torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()):
+            h = m["gn"](m["bn"](m["c"](torch.randn(2, 4, 8, 8)))).flatten(2).transpose(1, 2) + m["e"](torch.zeros(2, 64, dtype=torch.long))
+            h = F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None])[:, 0] + m["a"](h, h, h)[0]
+            loss = F.cross_entropy(m["l"](F.gelu(m["ln"](h))).mean(1).float(), torch.zeros(2, dtype=torch.long))
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+def _digest(ts)->str:
+    "A hash of the bytes of tensors `ts` (any dtype): equal digests, bit-identical tensors."
+    h = hashlib.sha256()
+    for t in ts: h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+def _opt_tensors(opt)->list:
+    return [v for s in opt.state_dict()["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+def _make_opt(kind:str, params:list, lr:float=1e-4):
+    if kind == "adam": return torch.optim.Adam(params, lr)
+    if kind == "adamw": return torch.optim.AdamW(params, lr)
+    return torch.optim.SGD(params, lr, momentum=0.9 if kind == "sgd-momentum" else 0.)
+
+def _dry_config(paper:str, config:str|Path, sets:list):
+    from distill_nb.launch import LAUNCHERS, apply_overrides
+    from distill_nb.records import load_paper
+    from distill_nb.core import read_yaml
+    load_paper(paper)
+    return LAUNCHERS[paper].config_cls.from_dict(apply_overrides(read_yaml(config), list(sets)), _where=Path(config).name)
+
+def dry_run_here(paper:str,              # a paper with a planner
+                 config:str|Path,        # its full config (YAML)
+                 phase:str,              # the phase's name in the plan
+                 sets:list=(),           # KEY=VALUE overrides, as `--set` (e.g. a smaller resolution)
+                 batch:int=1,            # the micro-batch of the dry run (one device, no accumulation)
+                 steps:int=2,            # optimisation steps before the checkpoint
+                 phase_kw:dict|None=None, # extra arguments of the paper's planner for the run (e.g. Hyper-SD's `lat`)
+                 ckpt:str|Path|None=None, # where the checkpoint goes (default: a temporary folder)
+                 plan_it:bool=True,      # also plan the same phase at the same batch (after the peak is read)
+                )->dict:
+    "In this process: build the phase at real size with random weights, run `steps` optimisation steps, checkpoint, step once more, resume, compare; then plan it."
+    import tempfile, time, gc, os
+    torch.set_num_threads(1); torch.manual_seed(0)
+    cfg = _dry_config(paper, config, sets)
+    mp = getattr(cfg, "mixed_precision", "no")
+    ph = next((p for p in PLANNERS[paper](cfg, **(phase_kw or {})) if p.name == phase), None)
+    if ph is None: raise ValueError(f"{paper}: no phase {phase!r}; phases: {', '.join(p.name for p in PLANNERS[paper](cfg))}")
+    if ph.skip: raise ValueError(f"{paper} {phase}: {ph.skip}")
+    if ph.autocast is False: mp = "no"
+    wdt = torch.bfloat16 if mp in ("bf16", "fp16") else torch.float32
+    _warm_up(mp != "no", ph.optimizer); gc.collect()
+    base = _rss()
+    mods = randomize(materialize(_on_meta(ph.modules), wdt))       # frozen weights in the weight dtype, trained ones in fp32
+    for m in mods.values():
+        if any(p.requires_grad for p in m.parameters()): m.train()
+    seen, params = set(), []
+    for m in mods.values():
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen: seen.add(id(p)); params.append(p)
+    opt = _make_opt(ph.optimizer, params)
+    built = _rss()
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for a in ph.acts:
+            ac = mp != "no" and not a.cast_all     # as the planner measures each piece; no weight cache: the launchers leave autocast before backward
+            with (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if ac else contextlib.nullcontext()): a.step(mods, batch)
+        opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+    peak = _maxrss()                                                # the peak of building + `steps` steps, before any checkpoint I/O
+    d = Path(ckpt or tempfile.mkdtemp(prefix="dryrun-")); d.mkdir(parents=True, exist_ok=True); f = d/"checkpoint.pt"
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "rng": torch.get_rng_state()}, f)
+    saved = (_digest(params), _digest(_opt_tensors(opt)))
+    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+    after = _digest(params)
+    sd = torch.load(f, weights_only=True)
+    with torch.no_grad():
+        for p, q in zip(params, sd["params"]): p.copy_(q)
+    opt.load_state_dict(sd["opt"]); torch.set_rng_state(sd["rng"]); del sd
+    reloaded = (_digest(params), _digest(_opt_tensors(opt)))
+    step(); resumed = _digest(params)
+    f.unlink()
+    counts = param_counts(mods)
+    r = dict(paper=paper, config=str(config), phase=phase, sets=list(sets), batch=batch, mixed_precision=mp, trained=counts["trained"],
+             frozen=counts["frozen"], step_s=times, s_per_step=sum(times[1:]) / max(1, len(times) - 1), baseline_rss=base, built_rss=built,
+             peak_rss=peak, measured=peak - base, reload_equal=reloaded == saved, bit_identical=resumed == after,
+             malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_", ""), torch=torch.__version__)
+    del mods, opt, params; gc.collect()
+    if plan_it:
+        key = f"{paper}|{json.dumps(cfg.to_dict(), sort_keys=True, default=str)}"
+        pp = next(p for p in PLANNERS[paper](cfg) if p.name == phase)
+        row = plan_phase(dataclasses.replace(pp, batch=batch, distributed=False), key, mp, gpus=1, gpu_mem=1e9)
+        r.update(planned=row.peak, plan=dataclasses.asdict(row), ratio=row.peak / r["measured"])
+    return r
+
+def dry_run(paper:str, config:str|Path, phase:str, sets:list=(), batch:int=1, steps:int=2, phase_kw:dict|None=None,
+            timeout:float|None=None)->dict:
+    "`dry_run_here` in a fresh Python process, so that the peak RSS is the dry run's own; returns its record."
+    import subprocess, sys, os
+    args = json.dumps(dict(paper=paper, config=str(config), phase=phase, sets=list(sets), batch=batch, steps=steps, phase_kw=phase_kw))
+    code = f"import json; from distill_nb.plan import dry_run_here; print('DRYRUN ' + json.dumps(dry_run_here(**json.loads({args!r}))))"
+    # glibc keeps freed blocks above its dynamic mmap threshold in the heap, so RSS ends up 10-25 % above the bytes in use; a fixed
+    # threshold returns large blocks to the system at once, and the peak RSS is then the peak of memory in use (as a GPU's allocated peak)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode: raise RuntimeError(f"dry run of {paper} {phase} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(next(l for l in reversed(p.stdout.splitlines()) if l.startswith("DRYRUN "))[7:])
+
+DRY_RUNS = {   # case: (paper, config under configs/, phase, --set overrides, micro-batch, planner arguments of the run)
+    "distiller-bert_base-tinybert4l": ("distiller", "distiller/glue_sst2.yaml", "student KD", ["mixed_precision=bf16"], 2, None),  # the MI critic needs 2
+    "diswot-resnet110-nb201": ("diswot", "diswot/nb201_cifar100.yaml", "KD of the winner", [], 32, None),  # 256 over 8 GPUs: at batch 1
+                             # the phase is 27 MiB, within the few MiB of allocator noise of the measurement
+    "diswot-resnet34-imagenet_space": ("diswot", "diswot/imagenet_resnet.yaml", "KD of the winner", [], 1, None),
+    "disback-ddpm_cifar10": ("disback", "disback/ddpm_cifar10.yaml", "distillation", [], 1, None),
+    "hyper_sd-sd15-tscd": ("hyper_sd", "hyper_sd/sd15.yaml", "TSCD k=4 (adv)", ["resolution=256"], 1, {"lat": 32}),  # a 32x32 latent
+}
+
+def dry_run_case(name:str,              # a key of `DRY_RUNS`
+                 rerun:bool=False,       # run even when a record is cached
+                 configs:str|Path|None=None, # the configs folder (default: the checkout's)
+                 timeout:float|None=None)->dict:
+    "The record of the real-size dry run `name`, kept in `cache_dir('dryrun')/<name>.json` (run when absent or asked)."
+    from distill_nb.core import cache_dir, repo_root
+    f = cache_dir("dryrun")/f"{name}.json"
+    if f.exists() and not rerun: return json.loads(f.read_text())
+    paper, cfg, phase, sets, batch, kw = DRY_RUNS[name]
+    root = Path(configs) if configs else (repo_root() or Path("."))/"configs"
+    r = dry_run(paper, root/cfg, phase, sets, batch=batch, phase_kw=kw, timeout=timeout)
+    f.write_text(json.dumps(r, indent=1)); return r
+
+def dry_run_table(records:list)->str:
+    "The dry runs as a markdown table: seconds per step, measured and planned peaks, their ratio."
+    out = ["| paper | config | phase | batch | dtype | s / step | peak RSS | baseline | measured (peak - baseline) | planned | planned / measured | resume |", "|" + "---|" * 12]
+    for r in records:
+        ok = "bit-identical" if r["bit_identical"] else ("state reloads" if r["reload_equal"] else "FAILS")
+        out.append(f"| {r['paper']} | {Path(r['config']).stem} | {r['phase']} | {r['batch']} | {r['mixed_precision']} | {r['s_per_step']:.2f} | {_b(r['peak_rss'])} | "
+                   f"{_b(r['baseline_rss'])} | {_b(r['measured'])} | {_b(r['planned']) if 'planned' in r else '-'} | {r.get('ratio', float('nan')):.2f} | {ok} |")
+    return "\n".join(out)
+

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['PAPERS', 'EXPERIMENTS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 'FAILED', 'ExperimentSpec', 'experiment',
-           'PaperNotAvailable', 'load_paper', 'available_papers', 'get_experiments', 'benchmark', 'get_benchmarks',
-           'Check', 'claim', 'claim_test', 'guard', 'power_gate', 'seeds_gate', 'is_legacy', 'verdict_from', 'versions',
-           'Record', 'results_dir', 'write_record', 'load_record', 'load_records', 'protocol_file', 'protocol',
-           'preregistered', 'code_hash', 'record_status', 'GuardFailed', 'run_experiment', 'jobs', 'run_parallel',
-           'md_table', 'verdict_cell', 'time_cell', 'records_table', 'checks_table', 'record_markdown',
-           'render_results', 'show_experiment', 'show_records', 'notebook_markdown', 'output_problems', 'fill_outputs']
+__all__ = ['PAPERS', 'EXPERIMENTS', 'TIERS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 'FAILED', 'ExperimentSpec', 'record_key',
+           'experiment', 'PaperNotAvailable', 'load_paper', 'available_papers', 'get_experiments', 'benchmark',
+           'get_benchmarks', 'Check', 'claim', 'claim_test', 'guard', 'power_gate', 'seeds_gate', 'is_legacy',
+           'verdict_from', 'versions', 'Record', 'results_dir', 'write_record', 'load_record', 'load_records',
+           'protocol_file', 'protocol', 'preregistered', 'code_hash', 'record_status', 'GuardFailed', 'run_experiment',
+           'jobs', 'run_parallel', 'md_table', 'verdict_cell', 'time_cell', 'records_table', 'checks_table',
+           'record_markdown', 'render_results', 'show_experiment', 'show_records', 'notebook_markdown',
+           'output_problems', 'fill_outputs']
 
 # %% ../nbs/05_records.ipynb #c0611ab8
 import numpy as np
@@ -32,16 +33,22 @@ PAPERS = {  # key -> (module, citation)
 
 @dataclasses.dataclass
 class ExperimentSpec:
-    "A registered experiment: `fn(scale='quick', seeds=None) -> Record`."
-    paper: str; name: str; fn: Callable; desc: str = ""; ci: bool = True; min_seeds: int = 1
+    "A registered experiment: `fn(scale='quick', seeds=None) -> Record`; `tiers`: the scales it runs at (quick, extended)."
+    paper: str; name: str; fn: Callable; desc: str = ""; ci: bool = True; min_seeds: int = 1; tiers: tuple = ("quick",)
 
 EXPERIMENTS: dict[tuple[str, str], ExperimentSpec] = {}
+TIERS = ("quick", "extended")   # quick: minutes on 2 cores; extended: the same code with the seeds or epochs power needs (hours)
 
-def experiment(paper:str, name:str, desc:str="", ci:bool=True, min_seeds:int=1):
+def record_key(name:str, scale:str="quick")->str:
+    "The file stem (and protocol key) of experiment `name` at `scale`: `name` for quick, `name.extended` for the extended tier."
+    return name if scale == "quick" else f"{name}.{scale}"
+
+def experiment(paper:str, name:str, desc:str="", ci:bool=True, min_seeds:int=1, tiers:tuple=("quick",)):
     "Decorator registering an experiment function under (`paper`, `name`); `min_seeds`: fewer `--seeds` are refused before compute."
     if paper not in PAPERS: raise KeyError(f"unknown paper {paper!r}; valid papers: {', '.join(PAPERS)}")
+    if bad := set(tiers) - set(TIERS): raise ValueError(f"{paper}:{name}: unknown tiers {sorted(bad)}; valid tiers: {', '.join(TIERS)}")
     def deco(fn):
-        EXPERIMENTS[(paper, name)] = ExperimentSpec(paper, name, fn, desc or (fn.__doc__ or "").strip().split("\n")[0], ci, min_seeds)
+        EXPERIMENTS[(paper, name)] = ExperimentSpec(paper, name, fn, desc or (fn.__doc__ or "").strip().split("\n")[0], ci, min_seeds, tuple(tiers))
         return fn
     return deco
 
@@ -255,18 +262,20 @@ def results_dir()->Path:
     return (r/"results") if r is not None and (cwd == r or r in cwd.parents) else cwd/"results"
 
 def write_record(rec:Record, root:str|Path|None=None)->Path:
-    "Write `rec` to `<root>/<paper>/<experiment>.json` atomically, its figures beside it as PNG."
-    root = Path(root or results_dir()); p = root/rec.paper/f"{rec.experiment}.json"; p.parent.mkdir(parents=True, exist_ok=True)
+    "Write `rec` to `<root>/<paper>/<record_key>.json` atomically, its figures beside it as PNG."
+    key = record_key(rec.experiment, rec.scale)
+    root = Path(root or results_dir()); p = root/rec.paper/f"{key}.json"; p.parent.mkdir(parents=True, exist_ok=True)
     for name, fig in rec.figs.items():
-        rel = f"{rec.paper}/{rec.experiment}_{name}.png"; tmp = root/f"{rel}.tmp.png"
+        rel = f"{rec.paper}/{key}_{name}.png"; tmp = root/f"{rel}.tmp.png"
         fig.savefig(tmp, dpi=90, bbox_inches="tight"); os.replace(tmp, root/rel)
         if rel not in rec.figures: rec.figures.append(rel)
     atomic_write_json(p, rec.to_dict()); return p
 
-def load_record(paper:str, experiment:str, root:str|Path|None=None)->Record:
+def load_record(paper:str, experiment:str, root:str|Path|None=None, scale:str="quick")->Record:
     "Read one record back (the verdict is re-checked against its checks)."
-    p = Path(root or results_dir())/paper/f"{experiment}.json"
-    if not p.exists(): raise FileNotFoundError(f"no record {p}; run `distill_nb reproduce {paper}:{experiment}` first")
+    p = Path(root or results_dir())/paper/f"{record_key(experiment, scale)}.json"
+    tier = "" if scale == "quick" else f" --scale {scale}"
+    if not p.exists(): raise FileNotFoundError(f"no record {p}; run `distill_nb reproduce {paper}:{experiment}{tier}` first")
     d = json.loads(p.read_text()); fields = {f.name for f in dataclasses.fields(Record)} - {"figs"}
     return Record(**{k: v for k, v in d.items() if k in fields})
 
@@ -274,7 +283,8 @@ def load_records(paper:str|None=None, root:str|Path|None=None)->list[Record]:
     "Every record under `root` (one paper's, or all), in paper order."
     root = Path(root or results_dir()); out = []
     for pp in (PAPERS if paper is None else [paper]):
-        for f in sorted((root/pp).glob("*.json")): out.append(load_record(pp, f.stem, root))
+        for f in sorted((root/pp).glob("*.json"), key=lambda f: (f.stem.partition(".")[0], f.stem)):   # quick, then its extended
+            name, _, scale = f.stem.partition("."); out.append(load_record(pp, name, root, scale or "quick"))
     return out
 
 # %% ../nbs/05_records.ipynb #b2c0a011
@@ -282,10 +292,10 @@ def protocol_file(paper:str)->Path:
     "`configs/<paper>/protocol.yaml` of the source checkout (else of the working directory)."
     r = repo_root(); return (r if r is not None else Path.cwd())/"configs"/paper/"protocol.yaml"
 
-def protocol(paper:str, name:str, path:str|Path|None=None)->dict:
+def protocol(paper:str, name:str, path:str|Path|None=None, scale:str="quick")->dict:
     "The pre-registered protocol of experiment `paper:name` (a mapping with at least `primary`, `test`, `sesoi`, `seeds`)."
     import yaml
-    p = Path(path or protocol_file(paper))
+    p = Path(path or protocol_file(paper)); name = record_key(name, scale)
     if not p.exists(): raise FileNotFoundError(f"no protocol file {p}; write the protocol of {paper}:{name} there and commit it before running")
     d = yaml.safe_load(p.read_text()) or {}
     if name not in d: raise KeyError(f"{p} has no protocol for {name!r}; it has {sorted(d)}")
@@ -307,9 +317,10 @@ def _first_commit_with(root:Path, rel:str, pred:Callable[[str], bool])->str|None
         if pred(txt): return c
     return None
 
-def preregistered(paper:str, name:str, root:str|Path|None=None)->tuple[bool, str]:
+def preregistered(paper:str, name:str, root:str|Path|None=None, scale:str="quick")->tuple[bool, str]:
     "Whether the committed record's protocol was committed in an earlier commit (an ancestor) than the record."
     import yaml
+    name = record_key(name, scale)
     root = Path(root or repo_root() or "."); rec_rel, pro_rel = f"results/{paper}/{name}.json", f"configs/{paper}/protocol.yaml"
     try: h = json.loads(_git(root, "show", f"HEAD:{rec_rel}")).get("protocol_hash")
     except Exception: return False, f"{rec_rel} is not committed"
@@ -338,7 +349,7 @@ def record_status(rec:Record)->str:
     if rec.legacy or not rec.code_hash: return "legacy"
     if rec.code_hash != code_hash(rec.paper): return f"stale: distill_nb/{rec.paper}.py changed since the record was made"
     if rec.protocol_hash:
-        try: cur = config_hash(protocol(rec.paper, rec.experiment))
+        try: cur = config_hash(protocol(rec.paper, rec.experiment, scale=rec.scale))
         except (FileNotFoundError, KeyError): cur = None
         if cur != rec.protocol_hash: return "stale: its protocol changed since the record was made"
     return "current"
@@ -348,7 +359,7 @@ class GuardFailed(RuntimeError):
     "A guard of an experiment failed: the code misbehaved, so there is no verdict."
 
 def _previous_cold(rec:Record, root)->float|None:
-    try: old = load_record(rec.paper, rec.experiment, root)
+    try: old = load_record(rec.paper, rec.experiment, root, rec.scale)
     except Exception: return None
     same = old.code_hash == rec.code_hash and old.protocol_hash == rec.protocol_hash
     return old.cold_time_s if same else None
@@ -356,6 +367,7 @@ def _previous_cold(rec:Record, root)->float|None:
 def run_experiment(spec:ExperimentSpec, scale:str="quick", root:str|Path|None=None, cold:bool=False, **kw)->Record:
     "Run one registered experiment, time it and write its record (`cold`: empty home, fixtures bypassed)."
     import tempfile
+    if scale not in spec.tiers: raise ValueError(f"{spec.paper}:{spec.name} has no {scale} tier (its tiers: {', '.join(spec.tiers)})")
     _PIDS.clear(); env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="distill_nb-cold-") as home:
         if cold: os.environ.update(DISTILL_NB_HOME=home, DISTILL_NB_NO_FIXTURES="1")
@@ -372,7 +384,7 @@ def run_experiment(spec:ExperimentSpec, scale:str="quick", root:str|Path|None=No
     write_record(rec, root); return rec
 
 def _previous_warm(rec:Record, root)->float|None:
-    try: old = load_record(rec.paper, rec.experiment, root)
+    try: old = load_record(rec.paper, rec.experiment, root, rec.scale)
     except Exception: return None
     return old.wall_time_s if old.code_hash == rec.code_hash and old.protocol_hash == rec.protocol_hash else None
 
@@ -442,7 +454,7 @@ def time_cell(r:Record)->str:
 
 def records_table(recs:list[Record])->str:
     "The results table: one row per experiment, our numbers next to the paper's and the computed verdict."
-    rows = [{"paper": r.paper, "experiment": r.experiment, "claim": r.claim, "ours": r.summary, "paper's numbers": r.paper_summary,
+    rows = [{"paper": r.paper, "experiment": record_key(r.experiment, r.scale), "claim": r.claim, "ours": r.summary, "paper's numbers": r.paper_summary,
              "verdict": verdict_cell(r), "time warm / cold (s)": time_cell(r)} for r in recs]
     return md_table(rows)
 
@@ -462,7 +474,7 @@ def checks_table(r:Record)->str:
 
 def record_markdown(r:Record, status:str|None=None, figures:bool=True)->str:
     "One record as markdown: the verdict, the claim, the checks, the table and (optionally) the figures."
-    out = [f"**{r.paper}:{r.experiment}**: {verdict_cell(r)}" + (f" · *{status}*" if status and status != "current" else ""),
+    out = [f"**{r.paper}:{record_key(r.experiment, r.scale)}**: {verdict_cell(r)}" + (f" · *{status}*" if status and status != "current" else ""),
            "", r.claim, "", f"Ours: {r.summary}"]
     if r.paper_summary: out += ["", f"Paper: {r.paper_summary}"]
     if r.protocol:
@@ -487,7 +499,7 @@ def render_results(root:str|Path|None=None)->str:
         rs = [r for r in recs if r.paper == paper]
         if not rs: continue
         out += ["", f"## {paper}", "", f"*{PAPERS[paper][1]}*"]
-        for r in rs: out += ["", f"### {r.experiment} — {r.verdict}", "", record_markdown(r)]
+        for r in rs: out += ["", f"### {record_key(r.experiment, r.scale)} — {r.verdict}", "", record_markdown(r)]
     return "\n".join(out) + "\n"
 
 # %% ../nbs/05_records.ipynb #b2c0a023
@@ -500,16 +512,17 @@ def _png(path_or_bytes, max_width:int=640)->bytes:
     if im.width > max_width: im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
     b = io.BytesIO(); im.quantize(256).save(b, "PNG", optimize=True); return b.getvalue()
 
-def show_experiment(paper:str, name:str, root:str|Path|None=None, **kw)->Record|None:
+def show_experiment(paper:str, name:str, root:str|Path|None=None, scale:str="quick", **kw)->Record|None:
     "Show the record of `paper:name` when it is current; re-run the experiment when it is stale or missing."
     from IPython.display import Markdown, Image, display
     root = Path(root or results_dir()); mode = os.environ.get("DISTILL_NB_RERUN", "auto")
-    try: rec = load_record(paper, name, root)
+    try: rec = load_record(paper, name, root, scale)
     except FileNotFoundError: rec = None
     status = record_status(rec) if rec is not None else "missing"
     if mode == "1" or (mode != "0" and status != "current" and os.environ.get("IN_TEST") != "1"):
-        load_paper(paper); rec = run_experiment(EXPERIMENTS[(paper, name)], root=root, **kw); status = "current"
-    if rec is None: display(Markdown(f"_No record of {paper}:{name} yet: run `distill_nb reproduce {paper}:{name}`._")); return None
+        load_paper(paper); rec = run_experiment(EXPERIMENTS[(paper, name)], scale, root=root, **kw); status = "current"
+    if rec is None: display(Markdown(f"_No record of {paper}:{record_key(name, scale)} yet: run `distill_nb reproduce {paper}:{name}"
+                                  f"{'' if scale == 'quick' else ' --scale ' + scale}`._")); return None
     display(Markdown(record_markdown(rec, status, figures=False)))
     for f in rec.figures:
         if (root/f).exists(): display(Image(data=_png(root/f)))

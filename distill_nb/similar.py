@@ -16,7 +16,7 @@ __all__ = ['SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS', 'SCALES', 
            'GridConfig', 'choose_temperature', 'run_cell', 'run_grid', 'nearest_acc', 'random_acc', 'arm_table',
            'within_target_test', 'correlation_table', 'similarity_figure', 'c1_similarity', 'arms_figure',
            'c2_weighted', 'score_vs_distill_benchmark', 'SourceSpec', 'SimilarFullConfig', 'TimmSource', 'build_source',
-           'make_toy_image_folder', 'cached_source_features', 'similar_full']
+           'make_toy_image_folder', 'cached_source_features', 'pre_logits_dim', 'similar_full']
 
 # %% ../nbs/30_distill_similar.ipynb #4b48a141
 import numpy as np
@@ -861,11 +861,18 @@ def _student(cfg:SimilarFullConfig, n_classes:int)->nn.Module:
     if cfg.student == "targetnet": return TargetNet(n_classes, cfg.student_widths, in_ch=3)
     return _timm(f"student {cfg.student!r}").create_model(cfg.student, pretrained=False, num_classes=n_classes)
 
+def pre_logits_dim(net:nn.Module, size:int)->int:
+    "Width of the features `net` hands its classifier (timm: `forward_head(pre_logits=True)`), measured with one forward."
+    if isinstance(net, TargetNet): return net.feat_dim
+    was = net.training; net.eval()                   # timm's attributes disagree (MobileNetV3: num_features 576, head 1024)
+    with torch.no_grad(): f = net.forward_head(net.forward_features(torch.zeros(1, 3, size, size)), pre_logits=True)
+    net.train(was); return f.shape[-1]
+
 class _StudentWithProj(nn.Module):
     "The target network plus the per-source projections of the feature-distillation reading (trained together)."
-    def __init__(self, net:nn.Module, dims:list[int]):
+    def __init__(self, net:nn.Module, dims:list[int], size:int):
         super().__init__(); self.net = net
-        fd = net.feat_dim if hasattr(net, "feat_dim") else net.num_features
+        fd = pre_logits_dim(net, size)
         self.proj = nn.ModuleList(nn.Linear(fd, d) for d in dims)
     def forward(self, x:Tensor)->tuple[Tensor, Tensor]:
         if hasattr(self.net, "features") and hasattr(self.net, "head") and isinstance(self.net, TargetNet):
@@ -900,7 +907,7 @@ def similar_full(cfg:SimilarFullConfig, out:Path)->dict:
     if cfg.teacher == "probe": targets = [t_["unl"] for t_ in tchs]
     else: targets = [(sfs[s].feats["unl"] - sfs[s].feats["unl"].mean(0)) / sfs[s].feats["unl"].std(0).clamp_min(1e-6) for s in names]
     seed_everything(cfg.seed)
-    model = _StudentWithProj(_student(cfg, C), [t_.shape[1] for t_ in targets] if cfg.teacher == "feature" else [])
+    model = _StudentWithProj(_student(cfg, C), [t_.shape[1] for t_ in targets] if cfg.teacher == "feature" else [], cfg.image_size)
     opt = torch.optim.Adam(model.parameters(), cfg.lr); model, opt = acc.prepare(model, opt)
     xl, xu = x_tr[lab], x_tr[unl]; crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))
     def step(i):

@@ -41,14 +41,18 @@ def test_help_imports_no_torch():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0 and p.stdout.strip().endswith("False"), p.stdout[-300:] + p.stderr
 
+# One cheap experiment per paper, at a size that builds every cached model it needs; each paper issue adds its line
+# when it migrates its records (issue 14). Keyword arguments are the experiment's own CI-size ones.
+FRESH = [("hinton", "soft_targets", dict(seeds=[0, 1], pilot_seeds=[100, 101], steps=150))]
+
 @pytest.mark.slow
-def test_fresh_homes_give_the_same_record(tmp_path, monkeypatch):
+@pytest.mark.parametrize("paper,name,kw", FRESH, ids=[f"{p}:{n}" for p, n, _ in FRESH])
+def test_fresh_homes_give_the_same_record(tmp_path, monkeypatch, paper, name, kw):
     "Issue 14: the same experiment, cold (empty home, fixtures bypassed) on two 'machines', gives the same metrics."
     from distill_nb.records import EXPERIMENTS, run_experiment, load_paper
-    load_paper("hinton"); monkeypatch.setenv("DISTILL_NB_JOBS", "2"); out = []
+    load_paper(paper); monkeypatch.setenv("DISTILL_NB_JOBS", "2"); out = []
     for k in range(2):
-        import random, torch; torch.manual_seed(k); random.seed(k)          # a different global state each time
-        r = run_experiment(EXPERIMENTS[("hinton", "soft_targets")], root=tmp_path/str(k), cold=True,
-                           seeds=[0, 1], pilot_seeds=[100, 101], steps=150)
+        import random, numpy as np, torch; torch.manual_seed(k); random.seed(k); np.random.seed(k)   # a different global state
+        r = run_experiment(EXPERIMENTS[(paper, name)], root=tmp_path/str(k), cold=True, **kw)
         out.append(r.to_dict())
     assert out[0]["metrics"] == out[1]["metrics"] and out[0]["cold_time_s"] is not None
