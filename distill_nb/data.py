@@ -602,7 +602,8 @@ GLUE_TASKS = {  # columns of the text field(s), the label column, the label name
     "MRPC":  dict(text=("#1 String", "#2 String"), label="Quality", labels=("0", "1")),
     "STS-B": dict(text=("sentence1", "sentence2"), label="score", labels=None),
     "QQP":   dict(text=("question1", "question2"), label="is_duplicate", labels=("0", "1")),
-    "MNLI":  dict(text=("sentence1", "sentence2"), label="gold_label", labels=("contradiction", "entailment", "neutral"), dev="dev_matched"),
+    "MNLI":  dict(text=("sentence1", "sentence2"), label="gold_label", labels=("contradiction", "entailment", "neutral"), dev="dev_matched",
+                 extra_dev=("dev_mismatched",)),
     "QNLI":  dict(text=("question", "sentence"), label="label", labels=("entailment", "not_entailment")),
     "RTE":   dict(text=("sentence1", "sentence2"), label="label", labels=("entailment", "not_entailment")),
     "WNLI":  dict(text=("sentence1", "sentence2"), label="label", labels=("0", "1")),
@@ -619,11 +620,11 @@ def glue_dir(task:str, root=None)->Path:
     return d
 
 def load_glue(task:str, split:str="train", root=None)->TextSplit:
-    "A GLUE task's train or dev split: texts (str or (str, str)) and labels (int64, or float32 for STS-B)."
+    "A GLUE task's split: 'train', 'dev' (MNLI: matched) or an extra dev file ('dev_mismatched' of MNLI); texts (str or (str, str)) and labels (int64, or float32 for STS-B)."
     spec = GLUE_TASKS.get(task) or {}
-    d = glue_dir(task, root)
-    if split not in ("train", "dev"): raise ValueError(f"split must be 'train' or 'dev', got {split!r}")
-    f = d/f"{spec.get('dev', 'dev') if split == 'dev' else 'train'}.tsv"
+    d = glue_dir(task, root); splits = ("train", "dev", *spec.get("extra_dev", ()))
+    if split not in splits: raise ValueError(f"{task} has the splits {', '.join(map(repr, splits))}, not {split!r}")
+    f = d/f"{spec.get('dev', 'dev') if split == 'dev' else split}.tsv"
     with open(f, encoding="utf-8-sig", newline="") as fh: rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
     if spec.get("header", True):
         head, rows = rows[0], rows[1:]

@@ -3,7 +3,7 @@
 # %% ../nbs/10_distiller.ipynb #e3491f94
 """The KD pipeline as a grid of knobs (augmentation × intermediate objective × layer mapping × prediction-layer KD), the interpolated MI bound MI-α, and AutoDistiller, reproduced in shape on CPU"""
 from __future__ import annotations
-import dataclasses, json, math, os, random, re, time
+import dataclasses, functools, json, math, os, random, re, time
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -18,10 +18,11 @@ __all__ = ['MAPPINGS', 'INTERMEDIATE', 'KD_LOSSES', 'AUGMENTERS', 'E1_ALPHAS', '
            'train_mi_estimator', 'e1_mi_alpha', 'tweet_task', 'encode', 'linear_warmup', 'TweetTeacherConfig',
            'tweet_teacher', 'teacher_outputs', 'bert_student', 'eval_accuracy', 'compact_vocab', 'distill_bert',
            'e2_objectives', 'augmented_teacher_logits', 'e3_augmentation', 'MLPNet', 'meta_tasks', 'config_features',
-           'mlp_teacher', 'mlp_distill', 'meta_dataset', 'autodistiller_loto', 'e4_autodistiller', 'GlueDistillConfig',
-           'ModelMissingError', 'glue_metrics', 'glue_score', 'GlueData', 'glue_data', 'glue_teacher', 'glue_predict',
-           'glue_evaluate', 'TeacherCheckError', 'check_teacher', 'glue_distill', 'write_synthetic_glue',
-           'distiller_benchmark', 'show_distiller_results', 'factor_shares']
+           'mlp_teacher', 'mlp_distill', 'meta_dataset', 'autodistiller_loto', 'mean_meta_dataset', 'e4_kept',
+           'task_preference', 'e4_autodistiller', 'GlueDistillConfig', 'ModelMissingError', 'glue_metrics',
+           'glue_score', 'GlueData', 'glue_data', 'glue_teacher', 'glue_predict', 'glue_evaluate', 'TeacherCheckError',
+           'check_teacher', 'glue_distill', 'write_synthetic_glue', 'distiller_benchmark', 'show_distiller_results',
+           'factor_shares']
 
 # %% ../nbs/10_distiller.ipynb #7e786418
 import numpy as np
@@ -29,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import (Config, ConfigError, Checkpointer, seed_everything, cached_tensors, fit, step_batch,
-                             save_tensors, progress, count_params, rng_preserved, atomic_write_json, positive, nonneg)
+                             save_tensors, progress, count_params, rng_preserved, atomic_write_json, positive, nonneg, config_hash)
 from .kd import kd_ce, kd_mse, hard_ce, hidden_mse, hidden_ce, cosine_loss, pkd_loss, make_projection, Projection
-from .records import Record, experiment, benchmark
+from .records import (Record, experiment, benchmark, claim, claim_test, guard, power_gate, seeds_gate, protocol,
+                                run_parallel)
+from .stats import sign_flip_test
 from .launch import launcher, make_accelerator, split_batch, freeze, StepLoader, accumulation_step
 
 # %% ../nbs/10_distiller.ipynb #18bd1e0d
@@ -216,10 +219,10 @@ class MIAlphaLoss(nn.Module):
 # %% ../nbs/10_distiller.ipynb #b84d1dad
 MAPPINGS = ("skip", "last", "emd")
 
-def _unknown(kind:str, name, valid:Sequence[str])->ValueError:
+def _unknown(kind:str, name, valid:Sequence[str])->ConfigError:
     import difflib
     close = difflib.get_close_matches(str(name), list(valid), n=1)
-    return ValueError(f"unknown {kind} {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; valid: {', '.join(valid)}")
+    return ConfigError(f"unknown {kind} {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; valid: {', '.join(valid)}")
 
 def layer_mapping(strategy:str,      # 'skip', 'last' or 'emd'
                   n_student:int,     # student transformer layers L_S
@@ -280,8 +283,8 @@ class DistillerPipeline(Config):
             if getattr(self, name) not in valid: raise _unknown(f"{name} (DistillerPipeline.{name})", getattr(self, name), valid)
         for a in self.augmenters:
             if a not in AUGMENTERS: raise _unknown("augmenter", a, AUGMENTERS)
-        _log_alpha(self.alpha)
-        if not 0 <= self.aug_p <= 1: raise ValueError(f"aug_p must be in [0, 1], got {self.aug_p}")
+        if not 0.0 <= float(self.alpha) <= 1.0: raise ConfigError(f"DistillerPipeline.alpha must be in [0, 1] (0: TUBA, 1: InfoNCE-like), got {self.alpha}; set alpha in [0, 1]")
+        if not 0 <= self.aug_p <= 1: raise ConfigError(f"DistillerPipeline.aug_p must be in [0, 1], got {self.aug_p}; set aug_p in [0, 1]")
 
     def check(self, num_labels:int, d_s:int, d_t:int):
         "Refuse combinations that cannot work for a head with `num_labels` outputs and widths `d_s`, `d_t`."
@@ -467,50 +470,89 @@ def train_mi_estimator(alpha:float, mi:float, d:int=20, K:int=64, steps:int=1000
 # %% ../nbs/10_distiller.ipynb #a0210e5d
 E1_ALPHAS, E1_MIS = (1.0, 0.5, 0.1, 0.01), (2.0, 8.0)
 
-@experiment("distiller", "e1_mi_alpha_bias_variance", "MI-alpha on Gaussians with known MI: alpha trades bias against variance")
-def e1_mi_alpha(scale:str="quick", seeds:list[int]|None=None, steps:int=1000, last:int=200, d:int=20, K:int=64,
-                alphas:Sequence[float]=E1_ALPHAS, mis:Sequence[float]=E1_MIS, bound=interpolated_bound)->Record:
-    "Train MI-alpha estimators for every (alpha, MI) cell and seed; summarise bias and spread of the last steps."
-    seeds = list(seeds or range(3)); cells, traces, excess = [], {}, []; cpu0 = time.process_time()
+def _e1_one_seed(seed:int, steps:int, last:int, d:int, K:int, alphas, mis, bound)->dict:
+    "Every (MI, alpha) cell of one seed: mean and sd of the last batch estimates, the largest excess over the cap, the trace."
+    out = []
     for mi in mis:
         for a in alphas:
-            mean, sd = [], []
-            for s in seeds:
-                est = train_mi_estimator(a, mi, d, K, steps, seed=s, bound=bound)
-                excess.append(float(np.max(est - mi_alpha_cap(K, a))))
-                tail = est[-last:]; mean.append(float(tail.mean())); sd.append(float(tail.std(ddof=1)))
-                if s == seeds[0]: traces[(mi, a)] = est
-            cells.append({"mi": mi, "alpha": a, "mean": mean, "sd": sd})
-    cell = lambda mi, a: next(c for c in cells if c["mi"] == mi and c["alpha"] == a)
-    hi, lo, a_min = max(mis), min(mis), min(alphas)
-    m = lambda mi, a, k="mean": float(np.mean(cell(mi, a)[k]))
-    se = lambda mi, a: float(np.mean(cell(mi, a)["sd"]) / math.sqrt(last))
-    max_excess = float(np.max(excess))    # nan if any estimate was nan: the check below then fails
-    checks = {f"every batch estimate <= 1 + log((K-1)/alpha)": bool(max_excess <= 1e-4),
-              f"MI={hi:g}: alpha=1 mean < log K + 0.1": bool(m(hi, 1.0) < math.log(K) + 0.1),
-              f"MI={hi:g}: alpha={a_min:g} mean > alpha=1 mean": bool(m(hi, a_min) > m(hi, 1.0)),
-              f"MI={hi:g}: alpha={a_min:g} sd > alpha=1 sd": bool(m(hi, a_min, "sd") > m(hi, 1.0, "sd")),
-              f"MI={lo:g}: every alpha in [MI/2, MI + 3 s.e.]": all(0.5 * lo <= m(lo, a) <= lo + 3 * se(lo, a) for a in alphas)}
-    table = [{"true MI": f"{mi:g}", **{f"α={a:g}": f"{m(mi, a):.2f} ± {m(mi, a, 'sd'):.2f}" for a in alphas}} for mi in mis]
+            est = train_mi_estimator(a, mi, d, K, steps, seed=seed, bound=bound); tail = est[-last:]
+            out.append({"mi": mi, "alpha": a, "mean": float(tail.mean()), "sd": float(tail.std(ddof=1)),
+                        "excess": float(np.max(est - mi_alpha_cap(K, a))), "trace": est})
+    return {"seed": seed, "cells": out}
+
+def _e1_cells(runs:list[dict])->list[dict]:
+    "Per (MI, alpha): the per-seed means and sds, in the order of `runs`."
+    return [{"mi": c0["mi"], "alpha": c0["alpha"], "mean": [r["cells"][i]["mean"] for r in runs],
+             "sd": [r["cells"][i]["sd"] for r in runs]} for i, c0 in enumerate(runs[0]["cells"])]
+
+def _e1_figure(run:dict, mis, alphas, K:int):
+    "The training-batch estimates of one seed, per true MI, against the true MI and log K."
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, len(mis), figsize=(5 * len(mis), 3.2), squeeze=False)
     for ax, mi in zip(axs[0], mis):
-        for k, a in enumerate(alphas): ax.plot(traces[(mi, a)], lw=0.6, color=f"C{k}", label=f"α={a:g}")
+        for k, c in enumerate(c for c in run["cells"] if c["mi"] == mi): ax.plot(c["trace"], lw=0.6, color=f"C{k}", label=f"α={c['alpha']:g}")
         ax.axhline(mi, color="k", ls="--", lw=1, label="true MI"); ax.axhline(math.log(K), color="0.5", ls=":", lw=1, label="log K")
-        ax.set_title(f"true MI = {mi:g} nats (seed {seeds[0]})"); ax.set_xlabel("step"); ax.set_ylabel("batch estimate (nats)")
+        ax.set_title(f"true MI = {mi:g} nats (seed {run['seed']})"); ax.set_xlabel("step"); ax.set_ylabel("batch estimate (nats)")
         ax.set_ylim(min(-1, mi - 4), mi + 2.5)
-    axs[0][0].legend(fontsize=7, ncol=2); plt.close(fig)
-    summ = "; ".join(f"MI={mi:g}: " + ", ".join(f"α={a:g} {m(mi, a):.2f}±{m(mi, a, 'sd'):.2f}" for a in alphas) for mi in mis)
+    axs[0][0].legend(fontsize=7, ncol=2); plt.close(fig); return fig
+
+# %% ../nbs/10_distiller.ipynb #89950c5a
+def _e1_checks(cells:list[dict], pilot:list[dict], pro:dict, excess:float, K:int, last:int)->dict:
+    "The record's checks with their roles: two claims (primary: less bias), two guards, two power gates."
+    cell = lambda cs, mi, a: next(c for c in cs if c["mi"] == mi and c["alpha"] == a)
+    hi, lo = max(c["mi"] for c in cells), min(c["mi"] for c in cells); a_min = min(c["alpha"] for c in cells)
+    v = lambda cs, a, k="mean": np.asarray(cell(cs, hi, a)[k])
+    def test(k, primary, note):                # a NaN estimate (a broken bound) cannot be tested: the claim fails
+        a, b = v(cells, a_min, k), v(cells, 1.0, k)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()): return claim(False, primary, note=f"{note}: non-finite estimates")
+        return claim_test(sign_flip_test(a, b, alpha=pro["alpha"]), primary, unit="nats", note=f"{note}; exact one-sided sign-flip test")
+    d_pilot = v(pilot, a_min) - v(pilot, 1.0) if pilot else np.array([])
+    pilot_sd = float(np.std(d_pilot, ddof=1)) if len(d_pilot) > 1 else float("inf")
+    n = len(cells[0]["mean"]); m = lambda mi, a, k="mean": float(np.mean(cell(cells, mi, a)[k]))
+    se = lambda mi, a: m(mi, a, "sd") / math.sqrt(last)
+    mde = seeds_gate(pilot_sd, n, pro["sesoi"], pro["alpha"], pro["power"], unit="nats") if np.isfinite(pilot_sd) else \
+          power_gate(float("inf"), pro["sesoi"], at_most=True, unit="nats", note="needs >= 2 pilot seeds for the paired sd")
+    return {
+        f"MI={hi:g}: alpha={a_min:g} mean > alpha=1 mean": test("mean", True, "less bias"),
+        f"MI={hi:g}: alpha={a_min:g} sd > alpha=1 sd": test("sd", False, "more variance"),
+        "every batch estimate <= 1 + log((K-1)/alpha)": guard(excess <= 1e-4, "the bound's cap, over every batch of every run",
+                                                             value=excess, threshold=1e-4, unit="nats over the cap"),
+        f"MI={lo:g}: every alpha in [MI/2, MI + 3 s.e.]": guard(all(0.5 * lo <= m(lo, c["alpha"]) <= lo + 3 * se(lo, c["alpha"])
+                                                                   for c in cells if c["mi"] == lo), "the estimators train"),
+        "min. detectable effect": mde,
+        f"MI={hi:g}: alpha=1 bias >= sesoi": power_gate(hi - m(hi, 1.0), pro["sesoi"], unit="nats",
+                                                       note=f"true MI − α=1's mean (its cap is near log K = {math.log(K):.2f}): bias to remove"),
+    }
+
+# %% ../nbs/10_distiller.ipynb #8462da81
+@experiment("distiller", "e1_mi_alpha_bias_variance", "MI-alpha on Gaussians with known MI: alpha trades bias against variance", min_seeds=2)
+def e1_mi_alpha(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, steps:int=1000, last:int=200,
+                d:int=20, K:int=64, alphas:Sequence[float]=E1_ALPHAS, mis:Sequence[float]=E1_MIS, bound=interpolated_bound)->Record:
+    "Train MI-alpha estimators for every (alpha, MI) cell and seed, seeds in parallel; test the trade-off as pre-registered."
+    pro = protocol("distiller", "e1_mi_alpha_bias_variance")
+    seeds = list(seeds if seeds is not None else pro["seeds"]); pilot_seeds = list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ValueError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}")
+    cpu0 = time.process_time()
+    one = functools.partial(_e1_one_seed, steps=steps, last=last, d=d, K=K, alphas=tuple(alphas), mis=tuple(mis), bound=bound)
+    runs = run_parallel(one, seeds + pilot_seeds, desc="seed")
+    cells, pilot = _e1_cells(runs[:len(seeds)]), (_e1_cells(runs[len(seeds):]) if pilot_seeds else [])
+    excess = float(np.max([c["excess"] for r in runs for c in r["cells"]]))   # nan if any estimate was nan: the guard fails
+    checks = _e1_checks(cells, pilot, pro, excess, K, last)
+    m = lambda mi, a, k="mean": float(np.mean(next(c for c in cells if c["mi"] == mi and c["alpha"] == a)[k]))
+    table = [{"true MI": f"{mi:g}", **{f"α={a:g}": f"{m(mi, a):.2f} ± {m(mi, a, 'sd'):.2f}" for a in alphas}} for mi in mis]
+    c = next(iter(checks.values())); summ = "; ".join(f"MI={mi:g}: " + ", ".join(f"α={a:g} {m(mi, a):.2f}±{m(mi, a, 'sd'):.2f}" for a in alphas) for mi in mis)
     return Record("distiller", "e1_mi_alpha_bias_variance",
         claim="MI-α has a better bias/variance trade-off: small α estimates high MI with less bias but more variance than α=1, whose estimate is capped near log K.",
-        metrics={"cells": cells, "max_excess_over_cap": max_excess, "log_K": math.log(K), "cpu_s": round(time.process_time() - cpu0, 1)},
-        checks=checks, seeds=seeds,
-        summary=f"mean ± sd of the last {last} batch estimates (mean over {len(seeds)} seeds): {summ}",
+        metrics={"cells": cells, "pilot": pilot, "max_excess_over_cap": excess, "log_K": math.log(K), "cpu_s": round(time.process_time() - cpu0, 1)},
+        checks=checks, seeds=seeds, protocol=pro, protocol_hash=config_hash(pro),
+        summary=f"mean ± sd of the last {last} batch estimates (mean over {len(seeds)} seeds): {summ}; primary " +
+                (f"{c.effect:+.2f} nats [{c.lo:+.2f}, {c.hi:+.2f}], p = {c.p:.3g}" if c.p is not None else "not testable (non-finite estimates)"),
         paper_numbers={"claim": "qualitative [abs]", "pilot (digest §9, one seed) MI=8": {"1": "3.82±0.10", "0.5": "4.58±0.19", "0.1": "5.07±0.31", "0.01": "4.50±0.56"},
                        "pilot MI=2": {"1": "1.64±0.19", "0.5": "1.72±0.23", "0.1": "1.70±0.22", "0.01": "1.63±0.21"}},
         paper_summary="[abs] 'better bias/variance trade-off' (no number readable); digest pilot, MI=8: α=1 3.82±0.10 … α=0.01 4.50±0.56",
-        config={"d": d, "K": K, "steps": steps, "last": last, "alphas": list(alphas), "mis": list(mis), "lr": 5e-4, "critic": "separable MLP 128-128-32"},
-        table=table, scale=scale, figs={"traces": fig})
+        config={"d": d, "K": K, "steps": steps, "last": last, "alphas": list(alphas), "mis": list(mis), "lr": 5e-4,
+                "critic": "separable MLP 128-128-32", "pilot_seeds": pilot_seeds},
+        table=table, scale=scale, figs={"traces": _e1_figure(runs[0], mis, alphas, K)})
 
 # %% ../nbs/10_distiller.ipynb #feff2256
 def tweet_task(n_train:int=4000, n_test:int=2000, seed:int=0)->tuple[list, Tensor, list, Tensor]:
@@ -866,15 +908,16 @@ def meta_dataset(tasks:dict|None=None, configs:Sequence[DistillerPipeline]=E4_CO
                  teacher_steps:int=400, seed:int=0)->dict:
     "Run every pipeline on every task: ratios (tasks x configs), per-task meta-features and accuracies."
     tasks = tasks if tasks is not None else meta_tasks()
-    names, meta, ratios, t_accs = list(tasks), [], [], []
+    names, meta, ratios, t_accs, n_test, majority = list(tasks), [], [], [], [], []
     for name in progress(names, desc="tasks"):
         x, y = tasks[name]; xa, ya, xb, yb = _split_std(x, y, seed); C = int(y.max()) + 1
         t = mlp_teacher(xa, ya, C, teacher_steps, seed); ta = _acc(t, xb, yb)
+        n_test.append(len(yb)); majority.append(float(torch.bincount(yb).max()) / len(yb))
         n_t = count_params(t); n_s = count_params(MLPNet([x.shape[1], 16, 16, C]))
         meta.append([math.log(len(xa)), C, x.shape[1], ta, n_s / n_t]); t_accs.append(ta)
         ratios.append([_acc(mlp_distill(p, t, xa, C, steps=steps, seed=seed), xb, yb) / ta for p in configs])
-    return {"tasks": names, "meta": np.array(meta), "ratios": np.array(ratios), "teacher_acc": t_accs,
-            "configs": [p.name for p in configs], "config_features": np.array([config_features(p) for p in configs])}
+    return {"tasks": names, "meta": np.array(meta), "ratios": np.array(ratios), "teacher_acc": t_accs, "n_test": n_test,
+            "majority": majority, "configs": [p.name for p in configs], "config_features": np.array([config_features(p) for p in configs])}
 
 def autodistiller_loto(md:dict, k:int=5, seed:int=0)->dict:
     "Leave-one-task-out: fit a GradientBoostingRegressor on the other tasks' runs, recommend argmax for the held-out one."
@@ -895,22 +938,54 @@ def autodistiller_loto(md:dict, k:int=5, seed:int=0)->dict:
         out["global_best_regret"].append(regret(R[t], int(np.argmax(R[tr].mean(0)))))
     return out
 
-# %% ../nbs/10_distiller.ipynb #b5441902
-@experiment("distiller", "e4_autodistiller", "AutoDistiller on an MLP meta-dataset: leave-one-task-out regret vs a random pipeline")
-def e4_autodistiller(scale:str="quick", seeds:list[int]|None=None, steps:int=200, teacher_steps:int=400,
-                     tasks:Sequence[str]|None=None)->Record:
-    "E4: build the meta-dataset (8 tasks x 20 pipelines) and evaluate the recommender leave-one-task-out."
-    seeds = list(seeds or [0]); all_tasks = meta_tasks(); cpu0 = time.process_time()
-    tasks = {k: all_tasks[k] for k in (tasks or all_tasks)}
-    mds = [meta_dataset(tasks, steps=steps, teacher_steps=teacher_steps, seed=s) for s in seeds]
-    md = dict(mds[0], ratios=np.mean([m["ratios"] for m in mds], 0), meta=np.mean([m["meta"] for m in mds], 0))
-    lo = autodistiller_loto(md)
-    reg, rnd, glob = np.mean(lo["regret"]), np.mean(lo["random_regret"]), np.mean(lo["global_best_regret"])
-    checks = {"mean regret of the top-1 recommendation < exact expected regret of a random pipeline": bool(reg < rnd)}
-    table = [{"held-out task": t, "teacher acc": f"{md['teacher_acc'][i]:.3f}", "recommended": md["configs"][lo["rec"][i]],
-              "regret": f"{lo['regret'][i]:.4f}", "random (expected)": f"{lo['random_regret'][i]:.4f}",
-              "best-on-average": f"{lo['global_best_regret'][i]:.4f}", "best in grid": md["configs"][int(np.argmax(md['ratios'][i]))],
-              "top-5 hit": lo["topk_hit"][i]} for i, t in enumerate(md["tasks"])]
+# %% ../nbs/10_distiller.ipynb #c54b763a
+def _e4_one_seed(seed:int, steps:int, teacher_steps:int, names:tuple)->dict:
+    "The meta-dataset of one seed: task splits, teachers and students all drawn from it."
+    all_tasks = meta_tasks()
+    return meta_dataset({k: all_tasks[k] for k in names}, steps=steps, teacher_steps=teacher_steps, seed=seed)
+
+def mean_meta_dataset(mds:list[dict])->dict:
+    "The meta-dataset averaged over seeds (ratios, meta-features and teacher accuracies)."
+    return dict(mds[0], ratios=np.mean([m["ratios"] for m in mds], 0), meta=np.mean([m["meta"] for m in mds], 0),
+                teacher_acc=np.mean([m["teacher_acc"] for m in mds], 0).tolist())
+
+def e4_kept(md:dict)->np.ndarray:
+    "The pre-registered exclusion: keep a task unless all its pipelines lie within one test example of each other."
+    R = np.asarray(md["ratios"]); one = 1 / (np.asarray(md["n_test"]) * np.asarray(md["teacher_acc"]))
+    return np.ptp(R, axis=1) >= one
+
+def task_preference(sel:np.ndarray,   # (tasks, configs) ratios on the selection seeds
+                    ev:np.ndarray,    # the same on the evaluation seeds
+                   )->np.ndarray:     # per task: ev ratio of its own best pipeline - ev ratio of the others' best on average
+    "Do tasks prefer different pipelines? Choose on one set of seeds, score on another (no winner's curse)."
+    return np.array([ev[t, int(np.argmax(sel[t]))] - ev[t, int(np.argmax(np.delete(sel, t, 0).mean(0)))] for t in range(len(sel))])
+
+# %% ../nbs/10_distiller.ipynb #9b5eee67
+def _e4_checks(lo:dict, md:dict, mds:list[dict], pref:np.ndarray|None, pilot_d:np.ndarray, keep:np.ndarray, pro:dict)->dict:
+    "The record's checks with their roles: three claims (primary: AutoDistiller beats the best-on-average pipeline), two guards, a power gate."
+    k = np.asarray(keep, bool); R = np.asarray(md["ratios"]); ce = [i for i, c in enumerate(md["configs"]) if "kd-ce" in c]
+    reg, glob = np.asarray(lo["regret"])[k], np.asarray(lo["global_best_regret"])[k]
+    rnd_ce = (R.max(1) - R[:, ce].mean(1))[k]
+    t = lambda a, b, alt="less": sign_flip_test(a, b, alternative=alt, alpha=pro["alpha"])
+    sd = float(np.std(pilot_d[k], ddof=1)) if len(pilot_d) and k.sum() > 1 else float("inf")
+    gate = (seeds_gate(sd, int(k.sum()), pro["sesoi"], pro["alpha"], pro["power"], unit="regret") if np.isfinite(sd) and sd > 0 else
+            power_gate(0.0 if sd == 0 else float("inf"), pro["sesoi"], at_most=True, unit="regret",
+                       note="the pilot's per-task differences are all 0" if sd == 0 else "needs a pilot meta-dataset and >= 2 kept tasks"))
+    pref_check = (claim_test(t(pref[k], np.zeros(int(k.sum())), "greater"), unit="ratio", note="own best vs others' best, chosen and scored on disjoint seeds")
+                  if pref is not None else claim(False, note="needs >= 2 seeds (selection and evaluation)"))
+    return {
+        "AutoDistiller regret < best-on-average regret": claim_test(t(reg, glob), primary=True, unit="regret", note="paired over the kept held-out tasks"),
+        "AutoDistiller regret < random kd-ce pipeline": claim_test(t(reg, rnd_ce), unit="regret"),
+        "tasks prefer different pipelines": pref_check,
+        "teachers beat the majority class": guard(all(min(a - m for a, m in zip(x["teacher_acc"], x["majority"])) > 0 for x in mds),
+                                                  "every task, every seed"),
+        "ratios finite": guard(all(np.isfinite(x["ratios"]).all() for x in mds)),
+        "min. detectable effect": gate,
+    }
+
+# %% ../nbs/10_distiller.ipynb #f96f549b
+def _e4_figure(md:dict, lo:dict, keep:np.ndarray):
+    "The meta-dataset (ratios, with the recommendations) and the three regrets per held-out task (excluded tasks greyed)."
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1.4, 1]})
     im = axs[0].imshow(md["ratios"], aspect="auto", cmap="viridis"); fig.colorbar(im, ax=axs[0], label="student / teacher accuracy")
@@ -919,23 +994,52 @@ def e4_autodistiller(scale:str="quick", seeds:list[int]|None=None, steps:int=200
     xs = np.arange(len(md["tasks"])); w = 0.27
     for k, (lab, v) in enumerate((("AutoDistiller", lo["regret"]), ("random (exact)", lo["random_regret"]), ("best-on-average", lo["global_best_regret"]))):
         axs[1].bar(xs + (k - 1) * w, v, w, label=lab)
-    axs[1].set_xticks(xs, md["tasks"], rotation=60, fontsize=7); axs[1].set_ylabel("regret (ratio)"); axs[1].legend(fontsize=7); plt.close(fig)
+    axs[1].set_xticks(xs, [t if kp else f"({t})" for t, kp in zip(md["tasks"], keep)], rotation=60, fontsize=7)
+    axs[1].set_ylabel("regret (ratio)"); axs[1].set_title("(task): excluded by the pre-registered rule", fontsize=7); axs[1].legend(fontsize=7)
+    plt.close(fig); return fig
+
+# %% ../nbs/10_distiller.ipynb #b5441902
+@experiment("distiller", "e4_autodistiller", "AutoDistiller on an MLP meta-dataset: leave-one-task-out regret vs the best-on-average pipeline")
+def e4_autodistiller(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, steps:int=200,
+                     teacher_steps:int=400, tasks:Sequence[str]|None=None)->Record:
+    "E4: meta-datasets (8 tasks x 20 pipelines) over seeds, in parallel; the recommender leave-one-task-out, as pre-registered."
+    pro = protocol("distiller", "e4_autodistiller"); cpu0 = time.process_time()
+    seeds = list(seeds if seeds is not None else pro["seeds"]); pilot_seeds = list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ValueError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}")
+    names = list(tasks or meta_tasks())
+    one = functools.partial(_e4_one_seed, steps=steps, teacher_steps=teacher_steps, names=tuple(names))
+    runs = run_parallel(one, seeds + pilot_seeds, desc="meta-dataset seed")
+    mds, pilots = runs[:len(seeds)], runs[len(seeds):]
+    md = mean_meta_dataset(mds); lo = autodistiller_loto(md); keep = e4_kept(md)
+    pilot_d = (np.asarray((p := autodistiller_loto(mean_meta_dataset(pilots)))["regret"]) - np.asarray(p["global_best_regret"])) if pilots else np.array([])
+    sel = [i for i, s in enumerate(seeds) if s in pro["selection_seeds"]] if seeds == pro["seeds"] else list(range(len(seeds) // 2))
+    ev = [i for i in range(len(seeds)) if i not in sel]
+    pref = task_preference(mean_meta_dataset([mds[i] for i in sel])["ratios"], mean_meta_dataset([mds[i] for i in ev])["ratios"]) if sel and ev else None
+    checks = _e4_checks(lo, md, mds, pref, pilot_d, keep, pro)
+    reg, rnd, glob = (float(np.mean(np.asarray(lo[k])[keep])) for k in ("regret", "random_regret", "global_best_regret"))
+    table = [{"held-out task": t + ("" if keep[i] else " (excluded)"), "teacher acc": f"{md['teacher_acc'][i]:.3f}",
+              "recommended": md["configs"][lo["rec"][i]], "regret": f"{lo['regret'][i]:.4f}", "best-on-average": f"{lo['global_best_regret'][i]:.4f}",
+              "random (expected)": f"{lo['random_regret'][i]:.4f}", "best in grid": md["configs"][int(np.argmax(md['ratios'][i]))],
+              "own best − others' best (eval seeds)": "" if pref is None else f"{pref[i]:+.4f}"} for i, t in enumerate(md["tasks"])]
+    c = checks["AutoDistiller regret < best-on-average regret"]
     return Record("distiller", "e4_autodistiller",
         claim="Different tasks prefer different KD pipelines; AutoDistiller recommends a good pipeline for a new dataset.",
-        metrics={"tasks": md["tasks"], "configs": md["configs"], "ratios": md["ratios"], "meta": md["meta"], "loto": lo,
-                 "mean_regret": reg, "mean_random_regret": rnd, "mean_global_best_regret": glob,
-                 "top5_hit_rate": float(np.mean(lo["topk_hit"])),
-                 "n_distinct_best_configs": len({int(np.argmax(r)) for r in md["ratios"]}), "cpu_s": round(time.process_time() - cpu0, 1)},
-        checks=checks, seeds=seeds,
-        summary=(f"leave-one-task-out over {len(md['tasks'])} tasks × {len(md['configs'])} pipelines: mean regret {reg:.4f} vs random {rnd:.4f} "
-                 f"(best-on-average {glob:.4f}); top-5 hit rate {np.mean(lo['topk_hit']):.2f}"),
+        metrics={"tasks": md["tasks"], "configs": md["configs"], "ratios": md["ratios"], "ratios_per_seed": [m["ratios"] for m in mds],
+                 "meta": md["meta"], "loto": lo, "kept": keep.tolist(), "preference": None if pref is None else pref.tolist(),
+                 "pilot_differences": pilot_d.tolist(), "mean_regret": reg, "mean_random_regret": rnd, "mean_global_best_regret": glob,
+                 "n_recommended_best_on_average": int(sum(r == int(np.argmax(np.delete(md["ratios"], i, 0).mean(0))) for i, r in enumerate(lo["rec"]))),
+                 "top5_hit_rate": float(np.mean(lo["topk_hit"])), "cpu_s": round(time.process_time() - cpu0, 1)},
+        checks=checks, seeds=seeds, protocol=pro, protocol_hash=config_hash(pro),
+        summary=(f"leave-one-task-out over {int(keep.sum())} kept of {len(md['tasks'])} tasks × {len(md['configs'])} pipelines, "
+                 f"{len(seeds)} seeds: mean regret {reg:.4f} vs best-on-average {glob:.4f} vs random {rnd:.4f}; AutoDistiller − best-on-average "
+                 f"{c.effect:+.4f} [{c.lo:+.4f}, {c.hi:+.4f}], p = {c.p:.3g}"),
         paper_numbers={"BoolQ (acc) [data]": {"top-5 predicted mean": 0.7355, "top-5 best": 0.7415, "5 others mean": 0.7146},
                        "Cloth (r2) [data]": {"top-5 predicted mean": 0.6956, "5 others mean": 0.6888},
                        "note": "the predictor itself is not in the repository (regressor family [gap]); these are its held-out outcomes"},
         paper_summary="authors' held-out tasks [data]: BoolQ top-5 mean 0.7355 vs others 0.7146; Cloth 0.6956 vs 0.6888",
-        config={"steps": steps, "teacher_steps": teacher_steps, "teacher": "MLP 2x128", "student": "MLP 2x16", "regressor": "GradientBoostingRegressor(200, depth 3, lr 0.05, subsample 0.8)",
-                "configs": md["configs"]},
-        table=table, scale=scale, figs={"meta_dataset": fig})
+        config={"steps": steps, "teacher_steps": teacher_steps, "teacher": "MLP 2x128", "student": "MLP 2x16", "pilot_seeds": pilot_seeds,
+                "regressor": "GradientBoostingRegressor(200, depth 3, lr 0.05, subsample 0.8)", "configs": md["configs"]},
+        table=table, scale=scale, figs={"meta_dataset": _e4_figure(md, lo, keep)})
 
 # %% ../nbs/10_distiller.ipynb #d242de32
 GLUE_METRIC = {"CoLA": "mcc", "STS-B": "(pearson + spearman) / 2", "MRPC": "(f1 + accuracy) / 2", "QQP": "(f1 + accuracy) / 2",
@@ -1024,13 +1128,9 @@ def glue_score(task:str, m:dict)->float:
 # %% ../nbs/10_distiller.ipynb #g1000007
 def _glue_devs(task:str, root)->dict:
     "The task's dev sets by name: MNLI's 'mnli-m' and 'mnli-mm', else 'dev'."
-    from distill_nb.data import GLUE_TASKS, load_glue
+    from distill_nb.data import load_glue
     if task != "MNLI": return {"dev": load_glue(task, "dev", root)}
-    spec = GLUE_TASKS["MNLI"]; devs, old = {"mnli-m": load_glue(task, "dev", root)}, spec["dev"]
-    spec["dev"] = "dev_mismatched"          # load_glue reads the file named by GLUE_TASKS[task]['dev']: the mismatched one, once
-    try: devs["mnli-mm"] = load_glue(task, "dev", root)
-    finally: spec["dev"] = old
-    return devs
+    return {"mnli-m": load_glue(task, "dev", root), "mnli-mm": load_glue(task, "dev_mismatched", root)}
 
 def _augmented_copies(cfg:GlueDistillConfig, texts:list)->list:
     "`n_aug` augmented copies per example (pairs: each sentence augmented), seeded per example and copy."

@@ -21,9 +21,10 @@ __all__ = ['STEPS', 'MLP_LORA_TARGETS', 'T_MAXES', 'LORA_FILE', 'LORA_META', 'PA
            'ring_one_step', 'h3_ring_dmd', 'sampling_speed', 'HyperSDFullConfig', 'check_base_model', 'HashTokenizer',
            'tiny_sd', 'load_sd', 'encode_prompts', 'sd_pipeline', 'lora_load_check', 'ClipMLPReward', 'SegFeedback',
            'load_reward_model', 'load_seg_model', 'UNetFeatureDisc', 'unet_mid_features', 'base_adv_grad',
-           'TableCondUNet', 'dmd_t_range', 'SyncedOptimizer', 'full_phases', 'hyper_sd_full', 'show_results']
+           'TableCondUNet', 'dmd_t_range', 'full_phases', 'hyper_sd_full', 'show_results']
 
 # %% ../nbs/50_hyper_sd.ipynb #ea9808ca
+import contextlib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -35,7 +36,9 @@ from .diffusion import (alphas_cumprod, add_noise, eps_to_x0, psi, predict_eps, 
     train_eps_model, tensor_batches, step_generator, sliced_wasserstein, pixel_fd, classifier_fd,
     train_feature_classifier, FeatureClassifier, FakeScoreTrainer, dmd_loss, one_step)
 from .records import Record, experiment, benchmark, run_experiment, EXPERIMENTS
-from .launch import launcher, make_accelerator
+from .diffusion import fake_score_loss, _draw_t_eps
+from .core import ConfigError, positive, nonneg, in_range
+from .launch import launcher, make_accelerator, split_batch, weight_dtype, freeze, StepLoader
 
 # %% ../nbs/50_hyper_sd.ipynb #65bc522b
 def ddim_timesteps(N:int=50, T:int=1000)->Tensor:
@@ -982,17 +985,19 @@ class HyperSDFullConfig(Config):
     iters_per_stage: list = dataclasses.field(default_factory=lambda: [2000, 2000, 2000, 2000])
     adv_weights: list = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # w_adv per stage (MSE weight 1 − w)
     d_lr: float = 1e-5            # discriminator head
-    batch_size: int = 512         # global batch, split over processes
+    batch_size: int = positive(512)  # global: per-device micro-batch × gradient_accumulation_steps × processes
+    gradient_accumulation_steps: int = positive(1)  # micro-batches per optimisation step (accelerate)
+    num_workers: int = nonneg(2)  # DataLoader workers per process (image decoding); 0 loads in the training process
     lr: float = 1e-6
-    lora_rank: int = 64
+    lora_rank: int = positive(64)
     ema_mu: float = 0.95
     w_min: float = 3.0
     w_max: float = 8.0
     offset_noise: float = 0.05
     num_ddim_timesteps: int = 50
     # phase 2: human feedback (separate LoRA, then merged)
-    feedback_iters: int = 0
-    feedback_rank: int = 16
+    feedback_iters: int = nonneg(0)
+    feedback_rank: int = positive(16)
     feedback_lr: float = 1e-5
     reward_model: str = ""        # clip/ + head.safetensors + head.json, or "tiny"
     seg_model: str = ""           # transformers semantic-segmentation folder, or "tiny"
@@ -1002,32 +1007,38 @@ class HyperSDFullConfig(Config):
     t_a: int = 499                # perceptual feedback: noise level of the real image
     feedback_weight: float = 1.0  # weight of the feedback LoRA in the merge
     # phase 3: DMD + MSE one-step stage on the merged LoRA
-    dmd_iters: int = 0
+    dmd_iters: int = nonneg(0)
     dmd_lr: float = 1e-6
     fake_lr: float = 1e-5
-    fake_ratio: int = 5
-    t_star: int = 999             # one-step input timestep (unified LoRA: 999 [paper])
+    fake_ratio: int = positive(5)
+    t_star: int = in_range(0, 999, 999)  # one-step input timestep (unified LoRA: 999 [paper])
     lam_mse: float = 0.5
     mse_steps: int = 8            # the teacher ODE steps of the MSE target
     lam_feedback: float = 0.0     # feedback hinge during DMD (needs reward_model)
     # run
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
-    checkpoint_every: int = 500
-    keep: int = 2
+    checkpoint_every: int = positive(500)
+    keep: int = positive(2)
     seed: int = 0
     n_synthetic: int = 64         # synthetic data set size (data_root: synthetic)
+    resume_safe = ("checkpoint_every", "keep", "num_workers")  # keys a resume may change with --allow-change (not a field)
 
     def __post_init__(self):
+        super().__post_init__()   # types, and the positive / nonneg / in_range fields above
+        w = type(self).__name__
         if not (len(self.ks) == len(self.iters_per_stage) == len(self.adv_weights)):
-            raise ValueError(f"ks, iters_per_stage and adv_weights need one entry per stage, got {len(self.ks)}, {len(self.iters_per_stage)}, {len(self.adv_weights)}")
-        for k in self.ks: check_segments(k, 1000, self.num_ddim_timesteps)
-        if not 0 < self.w_min <= self.w_max: raise ValueError(f"need 0 < w_min <= w_max, got {self.w_min}, {self.w_max}")
-        if any(not 0 <= w < 1 for w in self.adv_weights): raise ValueError(f"adv_weights must lie in [0, 1), got {self.adv_weights}")
-        if self.feedback_iters < 0 or self.dmd_iters < 0: raise ValueError("feedback_iters and dmd_iters must be >= 0")
+            raise ConfigError(f"{w}.ks: ks, iters_per_stage and adv_weights need one entry per stage, got {len(self.ks)}, "
+                              f"{len(self.iters_per_stage)} and {len(self.adv_weights)}; give the three lists the same length")
+        for k in self.ks:
+            try: check_segments(k, 1000, self.num_ddim_timesteps)
+            except ValueError as e: raise ConfigError(f"{w}.ks: {e}") from None
+        if not 0 < self.w_min <= self.w_max:
+            raise ConfigError(f"{w}.w_min: need 0 < w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}; set w_min to a positive value no larger than w_max")
+        if bad := [x for x in self.adv_weights if not 0 <= x < 1]:
+            raise ConfigError(f"{w}.adv_weights: {bad} outside [0, 1) (the MSE weight is 1 − w_adv); set each adversarial weight to a value in [0, 1)")
         if self.mixed_precision == "fp16":
-            raise ValueError("mixed_precision fp16 needs loss scaling, which this launcher does not implement; use bf16 (A100/H100) or no")
-        if not 0 <= self.t_star <= 999: raise ValueError(f"t_star must be a timestep in [0, 999], got {self.t_star}")
+            raise ConfigError(f"{w}.mixed_precision: fp16 needs loss scaling, which this launcher does not implement; set mixed_precision to bf16 (A100/H100) or no")
 
 _PIPE_FILES = {"sd15": ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/vocab.json", "scheduler/scheduler_config.json"]}
 _PIPE_FILES["sdxl"] = _PIPE_FILES["sd15"] + ["text_encoder_2/config.json", "tokenizer_2/vocab.json"]
@@ -1281,23 +1292,6 @@ def dmd_t_range(ac_model:Tensor, t_range:tuple=(20, 980))->tuple:
     if lo >= hi: raise ValueError(f"no project timestep in {t_range} has an ᾱ inside the base schedule's range")
     return lo, hi
 
-class SyncedOptimizer:
-    "Wraps an optimizer: `step()` first averages the gradients over processes (all-reduce), so every rank stays identical."
-    def __init__(self, opt:torch.optim.Optimizer, world:int): self.opt, self.world = opt, world
-    @property
-    def param_groups(self): return self.opt.param_groups
-    def zero_grad(self, set_to_none:bool=True): self.opt.zero_grad(set_to_none=set_to_none)
-    def step(self):
-        if self.world > 1:
-            import torch.distributed as dist
-            for grp in self.opt.param_groups:
-                for p in grp["params"]:
-                    if p.grad is None: p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad); p.grad.div_(self.world)
-        self.opt.step()
-    def state_dict(self): return self.opt.state_dict()
-    def load_state_dict(self, sd): self.opt.load_state_dict(sd)
-
 # %% ../nbs/50_hyper_sd.ipynb #33ed1655
 def _synthetic_pairs(n:int, size:int, seed:int):
     "Coloured squares on grey with captions (smoke-test data)."
@@ -1308,6 +1302,18 @@ def _synthetic_pairs(n:int, size:int, seed:int):
         x[:, a:a + size // 2, a:a + size // 2] = torch.tensor(cols[c], dtype=torch.float32)[:, None, None]
         imgs.append(x); caps.append(f"a {c} square")
     return imgs, caps
+
+class _Pairs(torch.utils.data.Dataset):
+    "(image in [0, 1], caption) pairs held in memory (the synthetic smoke-test data)."
+    def __init__(self, imgs:list, caps:list[str]): self.imgs, self.captions = imgs, caps
+    def __len__(self): return len(self.captions)
+    def __getitem__(self, i): return self.imgs[i], self.captions[i]
+
+class _Captions(torch.utils.data.Dataset):
+    "The captions alone, for the phases that never look at an image (nothing is decoded)."
+    def __init__(self, caps:list[str]): self.captions = list(caps)
+    def __len__(self): return len(self.captions)
+    def __getitem__(self, i): return self.captions[i]
 
 class _LoraView(nn.Module):
     "Checkpoint view of a UNet's LoRA tensors only (every adapter)."
@@ -1327,185 +1333,282 @@ def full_phases(cfg:HyperSDFullConfig)->list[tuple]:
         if n: out.append((name, s, s + int(n))); s += int(n)
     return out
 
-# %% ../nbs/50_hyper_sd.ipynb #3aec0844
+# %% ../nbs/50_hyper_sd.ipynb #84b4f8c5
+class _Trained(nn.Module):
+    "Owns `params` (shared with the model they belong to, not copied) so DDP wraps exactly them; `forward(fn, *a)` runs the loss closure `fn(*a)`."
+    def __init__(self, params:list): super().__init__(); self.params = nn.ParameterList(params)
+    def forward(self, fn, *a, **kw): return fn(*a, **kw)
+
+# %% ../nbs/50_hyper_sd.ipynb #bbd2b6a8
+@contextlib.contextmanager
+def _diffusers_quiet():
+    "Silence diffusers' warning on every `.to(dtype)` (it names no float32-only module for these models)."
+    from diffusers.utils import logging as dlog
+    lvl = dlog.get_verbosity(); dlog.set_verbosity_error()
+    try: yield
+    finally: dlog.set_verbosity(lvl)
+
+def _frozen(cfg:HyperSDFullConfig, acc):
+    "The run's namespace with every frozen part (device, weight dtype, outside DDP), the UNet without adapters, and ᾱ."
+    from types import SimpleNamespace
+    r = SimpleNamespace(cfg=cfg, acc=acc, dev=acc.device, wdt=weight_dtype(acc), F_it=cfg.feedback_iters, D_it=cfg.dmd_iters,
+                        rank=acc.process_index, world=acc.num_processes, uncond={})
+    r.reward = freeze(load_reward_model(cfg.reward_model, cfg.seed), acc) if r.F_it or (r.D_it and cfg.lam_feedback) else None
+    r.seg = freeze(load_seg_model(cfg.seg_model, cfg.seed), acc) if r.F_it and cfg.lam_percep else None
+    r.parts = load_sd(cfg)
+    with _diffusers_quiet():
+        for k in ("vae", "text_encoder", "text_encoder_2"):
+            if k in r.parts: r.parts[k] = freeze(r.parts[k], acc)
+    r.vae, r.sf = r.parts["vae"], getattr(r.parts["vae"].config, "scaling_factor", 0.18215)
+    r.ac = r.parts["scheduler"].alphas_cumprod.to(r.dev); r.T = len(r.ac)
+    r.unet = r.parts["unet"].requires_grad_(False)
+    if cfg.gradient_checkpointing: r.unet.enable_gradient_checkpointing()
+    r.lat_hw = cfg.resolution // 2 ** (len(r.vae.config.block_out_channels) - 1); r.lat_c = r.unet.config.in_channels
+    return r
+
+# %% ../nbs/50_hyper_sd.ipynb #f11d28c6
+def _loaders(cfg:HyperSDFullConfig, acc)->tuple:
+    "(pairs, captions): step loaders of (image, caption) and caption-only micro-batches, on the same stream."
+    if cfg.data_root == "synthetic": pairs = _Pairs(*_synthetic_pairs(cfg.n_synthetic, cfg.resolution, cfg.seed))
+    else:
+        from distill_nb.data import laion_subset
+        pairs = laion_subset(cfg.data_root or None, size=cfg.resolution)
+    mk = lambda ds: StepLoader(ds, acc, cfg.batch_size, cfg.seed, cfg.num_workers)
+    return mk(pairs), mk(_Captions(pairs.captions))
+
+# %% ../nbs/50_hyper_sd.ipynb #e40719f4
+def _add_adapters(r):
+    "The fake score (a float32 copy of the base UNet, DMD only), then the LoRAs `default`, `ema`, `feedback`, `merged` on the UNet."
+    from peft import LoraConfig
+    cfg, unet = r.cfg, r.unet
+    r.fake = None
+    if r.D_it:
+        r.fake = FakeScoreTrainer(TableCondUNet(unet, r.ac.cpu()), lr=cfg.fake_lr, ratio=cfg.fake_ratio, t_range=dmd_t_range(r.ac.cpu()))
+        r.fake.model.to(r.dev)
+    with _diffusers_quiet(): unet.to(r.dev, r.wdt)    # the frozen base in the weight dtype
+    torch.manual_seed(cfg.seed)
+    lora = lambda rank, **kw: LoraConfig(r=rank, lora_alpha=rank, target_modules=_LORA_TARGETS, **kw)
+    unet.add_adapter(lora(cfg.lora_rank, init_lora_weights="gaussian"), "default"); unet.add_adapter(lora(cfg.lora_rank), "ema")
+    if r.F_it: unet.add_adapter(lora(cfg.feedback_rank), "feedback")
+    if r.D_it: unet.add_adapter(lora(cfg.lora_rank + (cfg.feedback_rank if r.F_it else 0)), "merged")
+    unet.to(r.dev)
+    pd = dict(unet.named_parameters()); r.of = lambda a: [p for n, p in pd.items() if f".{a}." in n]
+    for n, p in pd.items():
+        if "lora_" in n: p.data = p.data.float()            # trained tensors in float32 (a no-op without mixed precision)
+    r.ema_pairs = list(zip(r.of("default"), r.of("ema")))
+    with torch.no_grad():
+        for p, e in r.ema_pairs: e.copy_(p)
+    r.real = TableCondUNet(unet, r.ac.cpu(), adapters_off=True).to(r.dev) if r.D_it else None
+    return r
+
+# %% ../nbs/50_hyper_sd.ipynb #14100eeb
+def _prepare(r):
+    "Each trained parameter set as a DDP-prepared `_Trained` with its optimiser; the modules and optimisers `fit` checkpoints."
+    cfg, acc = r.cfg, r.acc
+    specs = [("gen", "opt", r.of("default"), cfg.lr, {})]
+    if r.F_it: specs.append(("fb", "fb_opt", r.of("feedback"), cfg.feedback_lr, {}))
+    if r.D_it: specs.append(("dmd", "dmd_opt", r.of("merged"), cfg.dmd_lr, {}))
+    r.mods, r.disc = {"lora": _LoraView(r.unet)}, None
+    if any(w > 0 for w in cfg.adv_weights):
+        r.disc = r.mods["disc"] = UNetFeatureDisc(r.unet.config.block_out_channels[-1]).to(r.dev)
+        specs.append(("disc", "d_opt", list(r.disc.parameters()), cfg.d_lr, {"betas": (0.0, 0.99)}))
+    r.ddp, r.opts = {}, {}
+    for name, key, ps, lr, kw in specs:
+        for p in ps: p.requires_grad_(True)                 # DDP registers the tensors that require grad when it wraps them
+        r.ddp[name], r.opts[key] = acc.prepare(_Trained(ps), torch.optim.AdamW(ps, lr=lr, **kw))
+    if r.fake is not None:
+        r.ddp["fake"], r.opts["fake_opt"] = acc.prepare(_Trained(list(r.fake.model.parameters())), r.fake.opt)
+        r.mods["fake"] = r.fake.model
+    train_only(r.unet, "default")
+    return r
+
+# %% ../nbs/50_hyper_sd.ipynb #febff7af
+def _eps(model, x:Tensor, t:Tensor, c:dict)->Tensor: return model(x, t, **c).sample.float()
+def _tvec(r, t, B:int)->Tensor: return torch.as_tensor(t, device=r.dev).long().expand(B)
+def _decode(r, lat:Tensor)->Tensor: return r.vae.decode((lat / r.sf).to(r.wdt)).sample.float()
+
+def _conds(r, cp:list[str])->tuple:
+    "(cond, uncond) encodings of the captions `cp`."
+    if len(cp) not in r.uncond: r.uncond[len(cp)] = encode_prompts(r.parts, [""] * len(cp), r.cfg.arch, r.cfg.resolution, r.dev)
+    return encode_prompts(r.parts, cp, r.cfg.arch, r.cfg.resolution, r.dev), r.uncond[len(cp)]
+
+def _teacher_eps(r, x:Tensor, t:Tensor, cond:dict, unc:dict, w:float)->Tensor:
+    "The base UNet's (all adapters off) classifier-free-guided ε at scale w."
+    r.unet.disable_adapters()
+    try: e_u, e_c = _eps(r.unet, torch.cat([x, x]), torch.cat([t, t]), _cat_cond(unc, cond)).chunk(2)
+    finally: r.unet.enable_adapters()
+    return e_u + w * (e_c - e_u)
+
+def _use(r, names, trainable:str):
+    "Activate adapter(s) `names` (a list: weighted by 1 and feedback_weight), train only `trainable`."
+    if isinstance(names, list): r.unet.set_adapters(names, [1.0, r.cfg.feedback_weight][:len(names)] if len(names) > 1 else None)
+    else: r.unet.set_adapter(names)
+    train_only(r.unet, trainable)
+
+def _save_stage(r, adapter:str, name:str, steps:list):
+    if r.acc.is_main_process: save_lora(r.unet, adapter, r.out/f"lora-{name}", steps=steps)
+
+# %% ../nbs/50_hyper_sd.ipynb #f9679ac2
+def _tscd_targets(r, i:int, x:Tensor, cp:list, g:torch.Generator)->tuple:
+    "(x_t, t_n, t_end, cond, tgt) of one micro-batch: noise, timesteps and the jump target (teacher step + EMA target), no gradient."
+    cfg, acc, ac, T, N = r.cfg, r.acc, r.ac, r.T, r.cfg.num_ddim_timesteps
+    B = len(cp); k = r.stages.ks[r.stages.stage_at(i)]
+    with torch.no_grad(): lat = r.vae.encode((x * 2 - 1).to(r.dev, r.wdt)).latent_dist.mode().float() * r.sf; cond, unc = _conds(r, cp)
+    t_n = r.grid[torch.randint(1, N, (B,), generator=g)].cpu(); t_prev = t_n - T // N
+    t_end, crossed = sample_t_end(t_n, t_prev, k, T, g)
+    eps = torch.randn(lat.shape, generator=g) + cfg.offset_noise * torch.randn(B, lat.shape[1], 1, 1, generator=g)
+    w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand((), generator=g).item()
+    t_n, t_prev, t_end, crossed, eps = t_n.to(r.dev), t_prev.to(r.dev), t_end.to(r.dev), crossed.to(r.dev), eps.to(r.dev)
+    x_t = add_noise(lat, eps, t_n, ac); _use(r, "default", "default")
+    with torch.no_grad(), acc.autocast():
+        e_tea = _teacher_eps(r, x_t, t_n, cond, unc, w); train_only(r.unet, "default")
+        x_prev = psi(x_t, e_tea, t_n, t_prev, ac)
+        r.unet.set_adapter("ema"); e_tgt = _eps(r.unet, x_prev, t_prev, cond); _use(r, "default", "default")
+        tgt = jump_target(x_t, e_tea, t_n, x_prev, e_tgt, t_prev, t_end, crossed, ac)
+    return x_t, t_n, t_end, cond, tgt
+
+# %% ../nbs/50_hyper_sd.ipynb #f360139a
+def _tscd_step(r, i:int, mbs, gs:list)->list:
+    "One TSCD optimisation step over this process's micro-batches `mbs` (generators `gs`): student and discriminator updates, then the EMA."
+    cfg, acc, unet = r.cfg, r.acc, r.unet
+    si = r.stages.stage_at(i); k, aw = r.stages.ks[si], r.stages.adv_weights[si]; losses = []
+    for (x, cp), g in zip(mbs, gs):
+        x_t, t_n, t_end, cond, tgt = _tscd_targets(r, i, x, cp, g); te = t_end.clamp(min=0)
+        def gen_loss():
+            with acc.autocast(): pred = psi(x_t, _eps(unet, x_t, t_n, cond), t_n, t_end, r.ac)
+            loss = surrogate = (1 - aw) * F.mse_loss(pred, tgt)
+            if aw > 0:                  # generator side of the hinge GAN through the frozen base UNet's features
+                adv, g_pred = base_adv_grad(unet, r.disc, pred, te, cond, acc.autocast); train_only(unet, "default")
+                loss, surrogate = loss + aw * adv, surrogate + aw * (pred * g_pred).sum()   # same gradient, one adapter state per graph
+            return surrogate, loss.detach(), pred.detach()
+        with acc.accumulate(*[r.ddp[n] for n in ("gen", "disc") if n in r.ddp]):
+            surrogate, loss, pred = r.ddp["gen"](gen_loss)
+            acc.backward(surrogate); r.opts["opt"].step(); r.opts["opt"].zero_grad()
+            if aw > 0:
+                unet.disable_adapters()
+                with torch.no_grad(), acc.autocast():
+                    f_real, f_fake = unet_mid_features(unet, tgt, te, cond), unet_mid_features(unet, pred, te, cond)
+                unet.enable_adapters(); train_only(unet, "default")
+                dl = r.ddp["disc"](lambda: hinge_d_loss(r.disc(f_real), r.disc(f_fake)))
+                acc.backward(dl); r.opts["d_opt"].step(); r.opts["d_opt"].zero_grad()
+        losses.append(loss)
+    with torch.no_grad():
+        for p, e in r.ema_pairs: e.mul_(cfg.ema_mu).add_(p.detach(), alpha=1 - cfg.ema_mu)
+    if i == int(np.cumsum(r.stages.iters)[si]) - 1: _save_stage(r, "default", f"k{k}", [k])
+    return losses
+
+# %% ../nbs/50_hyper_sd.ipynb #d9dc6c44
+def _feedback_terms(r, B:int, cond:dict, g:torch.Generator, x_real:Tensor|None=None)->tuple:
+    "Eq. (13) on ReFL samples (+ Eq. (14) on noised real images when `x_real` is given)."
+    cfg, acc, ac = r.cfg, r.acc, r.ac
+    z = torch.randn(B, r.lat_c, r.lat_hw, r.lat_hw, generator=g).to(r.dev)
+    def eps_fn(x, t):
+        with acc.autocast(): return _eps(r.unet, x, _tvec(r, t, B), cond)
+    x0 = refl_x0(eps_fn, z, g, trailing_timesteps(cfg.refl_steps, r.T), ac)
+    with acc.autocast(): l_aes = F.relu(cfg.alpha_d - r.reward(_decode(r, x0))).mean()
+    l_p = torch.zeros((), device=r.dev)
+    if x_real is not None and r.seg is not None:
+        with torch.no_grad(), acc.autocast():
+            lat = r.vae.encode((x_real * 2 - 1).to(r.dev, r.wdt)).latent_dist.mode().float() * r.sf
+            gt = r.seg(x_real.to(r.dev) * 2 - 1).argmax(1)
+        xt = add_noise(lat, torch.randn(lat.shape, generator=g).to(r.dev), cfg.t_a, ac)
+        with acc.autocast():
+            x0p = eps_to_x0(xt, _eps(r.unet, xt, _tvec(r, cfg.t_a, B), cond), cfg.t_a, ac)
+            l_p = F.cross_entropy(r.seg(_decode(r, x0p)).float(), gt)
+    return l_aes, l_p
+
+def _feedback_step(r, i:int, mbs, gs:list)->list:
+    "One feedback-LoRA optimisation step over this process's micro-batches (pairs with a segmenter, else captions)."
+    losses = []
+    for b, g in zip(mbs, gs):
+        x, cp = b if r.seg is not None else (None, b); B = len(cp); _use(r, ["default", "feedback"], "feedback")
+        with torch.no_grad(): cond, _ = _conds(r, cp)
+        with r.acc.accumulate(r.ddp["fb"]):
+            l_aes, l_p = r.ddp["fb"](lambda: _feedback_terms(r, B, cond, g, x))
+            loss = l_aes + r.cfg.lam_percep * l_p
+            r.acc.backward(loss); r.opts["fb_opt"].step(); r.opts["fb_opt"].zero_grad()
+        losses.append(loss.detach())
+    if i == r.S + r.F_it - 1: _save_stage(r, "feedback", "feedback", list(STEPS))
+    return losses
+
+# %% ../nbs/50_hyper_sd.ipynb #3e8c2e1d
+def _dmd_inputs(r, cp:list, g:torch.Generator):
+    "One micro-batch's prompt table, guidance scale, noise z and detached one-step sample G(z, c)."
+    from types import SimpleNamespace
+    cfg = r.cfg; B = len(cp)
+    with torch.no_grad(): cond, unc = _conds(r, cp)
+    w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand((), generator=g).item()
+    z = torch.randn(B, r.lat_c, r.lat_hw, r.lat_hw, generator=g).to(r.dev); ts = _tvec(r, cfg.t_star, B)
+    with torch.no_grad(), r.acc.autocast(): xg = eps_to_x0(z, _eps(r.unet, z, ts, cond), cfg.t_star, r.ac)
+    return SimpleNamespace(B=B, cond=cond, unc=unc, w=w, z=z, ts=ts, xg=xg, g=g, rows=torch.arange(B, device=r.dev))
+
+def _fake_updates(r, ms:list):
+    "The fake score's `fake_ratio` updates, each accumulated over the micro-batches `ms`."
+    fake, acc = r.fake, r.acc
+    for _ in range(fake.ratio):
+        for m in ms:
+            fake.model.set_table(m.cond, m.unc); t, eps = _draw_t_eps(m.xg, fake.t_range, m.g)
+            with acc.accumulate(r.ddp["fake"]):
+                l = r.ddp["fake"](lambda: fake_score_loss(fake.model, m.xg, t, eps, m.rows))
+                acc.backward(l); r.opts["fake_opt"].step(); r.opts["fake_opt"].zero_grad()
+
+# %% ../nbs/50_hyper_sd.ipynb #13cdfc4e
+def _dmd_step(r, i:int, mbs, gs:list)->list:
+    "One DMD + MSE optimisation step of the merged LoRA over this process's caption micro-batches."
+    cfg, acc, unet, fake = r.cfg, r.acc, r.unet, r.fake
+    if i == r.S + r.F_it:                 # enter the phase: the exact merge of TSCD + feedback LoRAs
+        merge_adapters(unet, ["default", "feedback"] if r.F_it else ["default"], [1.0, cfg.feedback_weight] if r.F_it else [1.0], "merged")
+        _save_stage(r, "merged", "merged", list(STEPS))
+    _use(r, "merged", "merged"); r.real.on = lambda: train_only(unet, "merged")
+    ms = [_dmd_inputs(r, cp, g) for cp, g in zip(mbs, gs)]
+    _fake_updates(r, ms); losses = []
+    for m in ms:
+        r.real.set_table(m.cond, m.unc); fake.model.set_table(m.cond, m.unc)
+        with torch.no_grad(), acc.autocast():      # MSE target: the teacher's mse_steps-step ODE from the same noise
+            xs = m.z; tt = start_timesteps(cfg.mse_steps, cfg.t_star)
+            for a, b in zip(tt, tt[1:] + [-1]): xs = psi(xs, _teacher_eps(r, xs, _tvec(r, a, m.B), m.cond, m.unc, m.w), a, b, r.ac)
+        train_only(unet, "merged")
+        def gen_loss():
+            with acc.autocast():
+                xg = eps_to_x0(m.z, _eps(unet, m.z, m.ts, m.cond), cfg.t_star, r.ac)
+                loss = dmd_loss(xg, r.real, fake.model, fake.t_range, generator=m.g, cond=m.rows, guidance=m.w) + cfg.lam_mse * F.mse_loss(xg, xs)
+                if cfg.lam_feedback > 0: loss = loss + cfg.lam_feedback * F.relu(cfg.alpha_d - r.reward(_decode(r, xg))).mean()
+            return loss
+        with acc.accumulate(r.ddp["dmd"]):
+            loss = r.ddp["dmd"](gen_loss); acc.backward(loss); r.opts["dmd_opt"].step(); r.opts["dmd_opt"].zero_grad()
+        losses.append(loss.detach())
+    if i == r.phases[-1][2] - 1: _save_stage(r, "merged", "unified", list(STEPS))
+    return losses
+
+# %% ../nbs/50_hyper_sd.ipynb #fb0e42a1
 @launcher("hyper_sd", HyperSDFullConfig)
 def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
     "The Hyper-SD pipeline for SD1.5/SDXL under accelerate: TSCD stages (MSE + rising adversarial term), the feedback LoRA (merged), DMD + MSE; resumable in every phase."
-    from peft import LoraConfig
-    acc = make_accelerator(cfg.mixed_precision); out = Path(out); dev = acc.device
-    rank, world = acc.process_index, acc.num_processes
-    if cfg.batch_size % world: raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    if cfg.data_root == "synthetic": imgs, caps = _synthetic_pairs(cfg.n_synthetic, cfg.resolution, cfg.seed); n_data = len(imgs)
-    else:
-        from distill_nb.data import laion_subset
-        ds = laion_subset(cfg.data_root or None, size=cfg.resolution); n_data = len(ds)
-    F_it, D_it = cfg.feedback_iters, cfg.dmd_iters
-    reward = load_reward_model(cfg.reward_model, cfg.seed).to(dev) if F_it or (D_it and cfg.lam_feedback) else None
-    seg = load_seg_model(cfg.seg_model, cfg.seed).to(dev) if F_it and cfg.lam_percep else None
-    parts = load_sd(cfg); unet = parts["unet"]
-    wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
-    for k in ("vae", "text_encoder", "text_encoder_2"):
-        if k in parts: parts[k] = parts[k].eval().requires_grad_(False).to(dev, **({"dtype": wdt} if wdt != torch.float32 else {}))
-    vae, sf = parts["vae"], getattr(parts["vae"].config, "scaling_factor", 0.18215)
-    ac = parts["scheduler"].alphas_cumprod.to(dev); T = len(ac)
-    unet.requires_grad_(False)
-    if cfg.gradient_checkpointing: unet.enable_gradient_checkpointing()
-    fake = None
-    if D_it:   # the fake score starts as a copy of the base UNet (before any adapter)
-        fake = FakeScoreTrainer(TableCondUNet(unet, ac.cpu()), lr=cfg.fake_lr, ratio=cfg.fake_ratio, t_range=dmd_t_range(ac.cpu()))
-        fake.model.to(dev); fake.opt = SyncedOptimizer(fake.opt, world)
-    torch.manual_seed(cfg.seed)
-    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=_LORA_TARGETS, init_lora_weights="gaussian"), "default")
-    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=_LORA_TARGETS), "ema")
-    if F_it: unet.add_adapter(LoraConfig(r=cfg.feedback_rank, lora_alpha=cfg.feedback_rank, target_modules=_LORA_TARGETS), "feedback")
-    R = cfg.lora_rank + (cfg.feedback_rank if F_it else 0)
-    if D_it: unet.add_adapter(LoraConfig(r=R, lora_alpha=R, target_modules=_LORA_TARGETS), "merged")
-    unet.to(dev)
-    pd = dict(unet.named_parameters()); of = lambda a: [p for n, p in pd.items() if f".{a}." in n]
-    ema_pairs = list(zip(of("default"), of("ema")))
-    with torch.no_grad():
-        for p, e in ema_pairs: e.copy_(p)
-    def use(names, trainable):           # activate adapters `names`, train only `trainable`
-        unet.set_adapters(names, [1.0, cfg.feedback_weight][:len(names)] if len(names) > 1 else None) if isinstance(names, list) else unet.set_adapter(names)
-        train_only(unet, trainable)
-    mk = lambda ps, lr, **kw: SyncedOptimizer(torch.optim.AdamW(ps, lr=lr, **kw), world)
-    opts = {"opt": mk(of("default"), cfg.lr)}
-    use_adv = any(w > 0 for w in cfg.adv_weights)
-    mods = {"lora": _LoraView(unet)}
-    if use_adv:
-        disc = UNetFeatureDisc(unet.config.block_out_channels[-1]).to(dev); mods["disc"] = disc
-        opts["d_opt"] = mk(list(disc.parameters()), cfg.d_lr, betas=(0.0, 0.99))
-    if F_it: opts["fb_opt"] = mk(of("feedback"), cfg.feedback_lr)
-    if D_it: opts["dmd_opt"] = mk(of("merged"), cfg.dmd_lr); mods["fake"] = fake.model; opts["fake_opt"] = fake.opt
-    real = TableCondUNet(unet, ac.cpu(), adapters_off=True).to(dev) if D_it else None
-    stages = Stages(list(cfg.ks), list(cfg.iters_per_stage), list(cfg.adv_weights))
-    phases = full_phases(cfg); S = stages.total
-    grid = ddim_timesteps(cfg.num_ddim_timesteps, T).to(dev); N = cfg.num_ddim_timesteps
-    lat_hw = cfg.resolution // 2 ** (len(vae.config.block_out_channels) - 1); lat_c = unet.config.in_channels
-    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))
-    def eps_of(model, x, t, c): return model(x, t, **c).sample.float()
-    def tvec(t, B): return torch.as_tensor(t, device=dev).long().expand(B)
-    def decode(lat): return vae.decode((lat / sf).to(wdt)).sample.float()
-    all_caps = caps if cfg.data_root == "synthetic" else ds.captions
-    def rows(i): return step_batch(n_data, cfg.batch_size, i, cfg.seed)[rank::world].tolist()
-    def captions(i): return [all_caps[j] for j in rows(i)]          # without decoding the images
-    def batch(i):
-        idx = rows(i)
-        if cfg.data_root == "synthetic": return torch.stack([imgs[j] for j in idx]), [caps[j] for j in idx]
-        b = [ds[j] for j in idx]; return torch.stack([im for im, _ in b]), [c for _, c in b]
-    uncond = {}                                                     # the empty prompt's encoding, once per batch size
-    def conds(cp):
-        if len(cp) not in uncond: uncond[len(cp)] = encode_prompts(parts, [""] * len(cp), cfg.arch, cfg.resolution, dev)
-        return encode_prompts(parts, cp, cfg.arch, cfg.resolution, dev), uncond[len(cp)]
-    def teacher_eps(x, t, cond, unc, w):
-        unet.disable_adapters()
-        try: e_u, e_c = eps_of(unet, torch.cat([x, x]), torch.cat([t, t]), _cat_cond(unc, cond)).chunk(2)
-        finally: unet.enable_adapters()
-        return e_u + w * (e_c - e_u)
-    def save_stage(adapter, name, steps):
-        if acc.is_main_process: save_lora(unet, adapter, out/f"lora-{name}", steps=steps)
-
-    def tscd_step(i, g):
-        x, cp = batch(i); B = len(cp); si = stages.stage_at(i); k, aw = stages.ks[si], stages.adv_weights[si]
-        with torch.no_grad(): lat = vae.encode((x * 2 - 1).to(dev, wdt)).latent_dist.mode().float() * sf; cond, unc = conds(cp)
-        t_n = grid[torch.randint(1, N, (B,), generator=g)].cpu(); t_prev = t_n - T // N
-        t_end, crossed = sample_t_end(t_n, t_prev, k, T, g)
-        eps = torch.randn(lat.shape, generator=g) + cfg.offset_noise * torch.randn(B, lat.shape[1], 1, 1, generator=g)
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand((), generator=g).item()
-        t_n, t_prev, t_end, crossed, eps = t_n.to(dev), t_prev.to(dev), t_end.to(dev), crossed.to(dev), eps.to(dev)
-        x_t = add_noise(lat, eps, t_n, ac); use("default", "default")
-        with torch.no_grad(), acc.autocast():
-            e_tea = teacher_eps(x_t, t_n, cond, unc, w); train_only(unet, "default")
-            x_prev = psi(x_t, e_tea, t_n, t_prev, ac)
-            unet.set_adapter("ema"); e_tgt = eps_of(unet, x_prev, t_prev, cond); use("default", "default")
-            tgt = jump_target(x_t, e_tea, t_n, x_prev, e_tgt, t_prev, t_end, crossed, ac)
-        with acc.autocast(): pred = psi(x_t, eps_of(unet, x_t, t_n, cond), t_n, t_end, ac)
-        loss = surrogate = (1 - aw) * F.mse_loss(pred, tgt)
-        if aw > 0:                      # generator side of the hinge GAN through the frozen base UNet's features
-            te = t_end.clamp(min=0)
-            adv, g_pred = base_adv_grad(unet, disc, pred, te, cond, acc.autocast); train_only(unet, "default")
-            loss, surrogate = loss + aw * adv, surrogate + aw * (pred * g_pred).sum()   # same gradient, one adapter state per graph
-        opts["opt"].zero_grad(); surrogate.backward(); opts["opt"].step()
-        if aw > 0:
-            unet.disable_adapters()
-            with torch.no_grad(), acc.autocast():
-                f_real, f_fake = unet_mid_features(unet, tgt, te, cond), unet_mid_features(unet, pred.detach(), te, cond)
-            unet.enable_adapters(); train_only(unet, "default")
-            dl = hinge_d_loss(disc(f_real), disc(f_fake))
-            opts["d_opt"].zero_grad(); dl.backward(); opts["d_opt"].step()
-        with torch.no_grad():
-            for p, e in ema_pairs: e.mul_(cfg.ema_mu).add_(p.detach(), alpha=1 - cfg.ema_mu)
-        if i == int(np.cumsum(stages.iters)[si]) - 1: save_stage("default", f"k{k}", [k])
-        return loss
-
-    def feedback_terms(B, cond, g, x_real=None):
-        "Eq. (13) on ReFL samples (+ Eq. (14) on noised real images when `x_real` is given)."
-        z = torch.randn(B, lat_c, lat_hw, lat_hw, generator=g).to(dev)
-        def eps_fn(x, t):
-            with acc.autocast(): return eps_of(unet, x, tvec(t, B), cond)
-        x0 = refl_x0(eps_fn, z, g, trailing_timesteps(cfg.refl_steps, T), ac)
-        with acc.autocast(): l_aes = F.relu(cfg.alpha_d - reward(decode(x0))).mean()
-        l_p = torch.zeros((), device=dev)
-        if x_real is not None and seg is not None:
-            with torch.no_grad():
-                lat = vae.encode((x_real * 2 - 1).to(dev, wdt)).latent_dist.mode().float() * sf
-                gt = seg(x_real.to(dev) * 2 - 1).argmax(1)
-            xt = add_noise(lat, torch.randn(lat.shape, generator=g).to(dev), cfg.t_a, ac)
-            with acc.autocast():
-                x0p = eps_to_x0(xt, eps_of(unet, xt, tvec(cfg.t_a, B), cond), cfg.t_a, ac)
-                l_p = F.cross_entropy(seg(decode(x0p)).float(), gt)
-        return l_aes, l_p
-
-    def feedback_step(i, g):
-        x, cp = batch(i) if seg is not None else (None, captions(i)); B = len(cp); use(["default", "feedback"], "feedback")
-        with torch.no_grad(): cond, _ = conds(cp)
-        l_aes, l_p = feedback_terms(B, cond, g, x)
-        loss = l_aes + cfg.lam_percep * l_p
-        opts["fb_opt"].zero_grad(); loss.backward(); opts["fb_opt"].step()
-        if i == S + F_it - 1: save_stage("feedback", "feedback", list(STEPS))
-        return loss
-
-    def dmd_step(i, g, first):
-        cp = captions(i); B = len(cp)
-        if i == first:                    # enter the phase: the exact merge of TSCD + feedback LoRAs
-            merge_adapters(unet, ["default", "feedback"] if F_it else ["default"], [1.0, cfg.feedback_weight] if F_it else [1.0], "merged")
-            save_stage("merged", "merged", list(STEPS))
-        use("merged", "merged"); real.on = lambda: train_only(unet, "merged")
-        with torch.no_grad(): cond, unc = conds(cp)
-        real.set_table(cond, unc); fake.model.set_table(cond, unc); rows = torch.arange(B, device=dev)
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand((), generator=g).item()
-        z = torch.randn(B, lat_c, lat_hw, lat_hw, generator=g).to(dev); ts = tvec(cfg.t_star, B)
-        with acc.autocast(): xg = eps_to_x0(z, eps_of(unet, z, ts, cond), cfg.t_star, ac)
-        fake.update(lambda: (xg.detach(), rows), g)
-        l_dmd = dmd_loss(xg, real, fake.model, fake.t_range, generator=g, cond=rows, guidance=w)
-        with torch.no_grad(), acc.autocast():      # MSE target: the teacher's mse_steps-step ODE from the same noise
-            xs = z; tt = start_timesteps(cfg.mse_steps, cfg.t_star)
-            for a, b in zip(tt, tt[1:] + [-1]): xs = psi(xs, teacher_eps(xs, tvec(a, B), cond, unc, w), a, b, ac)
-            train_only(unet, "merged")
-        loss = l_dmd + cfg.lam_mse * F.mse_loss(xg, xs)
-        if cfg.lam_feedback > 0:
-            with acc.autocast(): loss = loss + cfg.lam_feedback * F.relu(cfg.alpha_d - reward(decode(xg))).mean()
-        opts["dmd_opt"].zero_grad(); loss.backward(); opts["dmd_opt"].step()
-        if i == phases[-1][2] - 1: save_stage("merged", "unified", list(STEPS))
-        return loss
-
+    split_batch(cfg.batch_size, cfg.gradient_accumulation_steps)            # an uneven split fails before any process group
+    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps)
+    pairs, captions = _loaders(cfg, acc)
+    r = _prepare(_add_adapters(_frozen(cfg, acc))); r.out = Path(out)
+    r.stages = Stages(list(cfg.ks), list(cfg.iters_per_stage), list(cfg.adv_weights)); r.S = r.stages.total
+    r.phases = full_phases(cfg); r.grid = ddim_timesteps(cfg.num_ddim_timesteps, r.T).to(r.dev)
+    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))          # test hook: simulate a hard kill
     def step(i):
         if i == crash_at and acc.is_main_process: os._exit(17)
-        g = step_generator(cfg.seed * 7919 + rank, i)
-        if i < S: loss = tscd_step(i, g)
-        elif F_it and i < S + F_it: loss = feedback_step(i, g)
-        else: loss = dmd_step(i, g, S + F_it)
-        return acc.reduce(loss.detach(), "mean")
-    total = phases[-1][2]
-    res = fit(step, total, Checkpointer(out/"checkpoints", keep=cfg.keep), mods, opts, every=cfg.checkpoint_every,
-              desc="Hyper-SD", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+        gs = [step_generator(cfg.seed * 7919 + j * r.world + r.rank, i) for j in range(acc.gradient_accumulation_steps)]
+        if i < r.S: losses = _tscd_step(r, i, pairs(i), gs)
+        elif r.F_it and i < r.S + r.F_it: losses = _feedback_step(r, i, (pairs if r.seg is not None else captions)(i), gs)
+        else: losses = _dmd_step(r, i, list(captions(i)), gs)
+        return acc.reduce(torch.stack(losses).float().mean(), "mean")
+    try: res = fit(step, r.phases[-1][2], Checkpointer(r.out/"checkpoints", keep=cfg.keep), r.mods, r.opts, every=cfg.checkpoint_every,
+                   desc="Hyper-SD", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    finally: pairs.close(); captions.close()
     acc.wait_for_everyone()
-    summary = {"final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": world, "stages": list(cfg.ks),
-               "phases": [p[0] for p in phases], "phase_last_loss": {p[0]: res["losses"][p[2] - 1] for p in phases}}
+    summary = {"final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": r.world, "stages": list(cfg.ks),
+               "phases": [p[0] for p in r.phases], "phase_last_loss": {p[0]: res["losses"][p[2] - 1] for p in r.phases},
+               "per_device_batch": pairs.micro, "gradient_accumulation_steps": pairs.accumulation, "mixed_precision": str(acc.mixed_precision)}
     if acc.is_main_process:
-        save_tensors(out/"lora.safetensors", _LoraView(unet).state_dict())
-        if fake is not None: save_tensors(out/"fake.safetensors", {k: v.contiguous() for k, v in fake.model.state_dict().items()})
-        (out/"summary.json").write_text(json.dumps(summary, indent=1))
+        save_tensors(r.out/"lora.safetensors", _LoraView(r.unet).state_dict())
+        if r.fake is not None: save_tensors(r.out/"fake.safetensors", {k: v.contiguous() for k, v in r.fake.model.state_dict().items()})
+        (r.out/"summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 # %% ../nbs/50_hyper_sd.ipynb #a54a9517

@@ -56,6 +56,7 @@ def one_line_error(res, want:str):
     assert want in err, (want, err)
 
 def hinton(*args, out=None): return ["hinton", "--config", str(TINY), *(["--out", str(out)] if out else []), *args]
+def distiller(*args, out=None): return ["distiller", "--config", str(ROOT/"configs"/"distiller"/"tiny.yaml"), "--out", str(out), *args]
 
 @pytest.fixture(scope="module")
 def validation(tmp_path_factory):
@@ -88,6 +89,8 @@ def validation(tmp_path_factory):
         "lr_neg":        ["needs-domains", *hinton("--set", "lr=-1", out=o)],
         "alpha_2":       ["needs-domains", *hinton("--set", "alpha=2", out=o)],
         "T_0":           ["needs-domains", *hinton("--set", "T=0", out=o)],
+        "pipeline_aug_p": distiller("--set", "pipeline.aug_p=2", out=o),          # a paper config's own validation
+        "pipeline_inter": distiller("--set", "pipeline.intermediate=msee", out=o),
     }
     if os.geteuid() != 0:                          # root writes anywhere: a read-only folder needs a normal user
         (d/"ro").mkdir(); (d/"ro").chmod(0o500); cases["out_read_only"] = hinton(out=d/"ro"/"run")
@@ -111,6 +114,8 @@ EXPECT = {
     "out_under_file": "/file/run is not writable (Not a directory); choose another folder or fix its permissions",
     "allow_unknown": "error: --allow-change stpes: HintonFullConfig has no key 'stpes'; valid keys: dataset,",
     "allow_unsafe": "error: --allow-change lr: lr is not safe to change on resume; HintonFullConfig allows only:",
+    "pipeline_aug_p": "error: DistillerPipeline.aug_p must be in [0, 1], got 2.0; set aug_p in [0, 1]",
+    "pipeline_inter": "error: unknown intermediate (DistillerPipeline.intermediate) 'msee' (did you mean 'mse'?); valid: none, mse,",
     "out_read_only": "/ro/run is not writable (Permission denied); choose another folder",
 }
 DOMAIN_EXPECT = {

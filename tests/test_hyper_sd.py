@@ -1,5 +1,5 @@
 """Hyper-SD: the full-scale launcher (TSCD + adversarial term, feedback LoRA, DMD) under 2 real CPU processes (torchrun,
-gloo) with kill/resume in the later phases, gradient checkpointing with the adversarial stage, its bad-input errors and its
+gloo) with kill/resume in the later phases, 2 processes = 1 process × 2 accumulated micro-batches, gradient checkpointing with the adversarial stage, its bad-input errors and its
 shipped configs; LoRAs saved by `save_lora` loaded into real diffusers pipelines. (The fresh-process sampling round
 trip and the tiny SDXL run are tested in nbs/50_hyper_sd.ipynb.)"""
 import json
@@ -134,3 +134,52 @@ def test_gradient_checkpointing_adversarial(tmp_path):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     sa, sb = (json.loads((tmp_path/g/"summary.json").read_text()) for g in ("true", "false"))
     assert sa["phase_last_loss"] == sb["phase_last_loss"] and "tscd-k1" in sa["phase_last_loss"]
+
+SHORT = ["ks=[2,1]", "iters_per_stage=[1,2]", "adv_weights=[0.0,0.5]", "feedback_iters=1", "dmd_iters=2"]   # every phase, 6 steps
+
+def test_two_processes_equal_accumulation(tmp_path):
+    """DDP and gradient accumulation agree: 2 processes × micro-batch 2 and 1 process × 2 accumulated micro-batches of 2,
+    on the same global batch of 4 (the same rows and the same noise per micro-batch), give the same LoRAs (every
+    adapter), discriminator-trained TSCD stage, feedback LoRA and fake score to float tolerance."""
+    ddp = launch(tmp_path/"ddp", tmp_path/"home", *SHORT, nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    acc = launch(tmp_path/"acc", tmp_path/"home", *SHORT, "gradient_accumulation_steps=2", nproc=1)
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    sd, sa = (json.loads((tmp_path/d/"summary.json").read_text()) for d in ("ddp", "acc"))
+    assert (sd["world_size"], sd["per_device_batch"], sd["gradient_accumulation_steps"]) == (2, 2, 1), sd
+    assert (sa["world_size"], sa["per_device_batch"], sa["gradient_accumulation_steps"]) == (1, 2, 2), sa
+    for f in ("lora.safetensors", "fake.safetensors"):
+        a, b = load_file(tmp_path/"ddp"/f), load_file(tmp_path/"acc"/f)
+        assert a.keys() == b.keys() and len(a) > 0, f
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, f
+    base = load_file(tmp_path/"ddp"/"lora-k2"/"pytorch_lora_weights.safetensors")
+    moved = load_file(tmp_path/"ddp"/"lora-unified"/"pytorch_lora_weights.safetensors")
+    assert any(k in moved for k in base)                   # the run trained: the unified LoRA exists and has the layers
+    for k, v in sd["phase_last_loss"].items(): assert abs(v - sa["phase_last_loss"][k]) < 1e-5 * max(1, abs(v)), k
+
+def test_config_errors_name_the_key(tmp_path):
+    "Bad values raise a one-line ConfigError that names the key and the fix; an uneven batch split fails before any model loads."
+    from distill_nb.core import ConfigError
+    from distill_nb.hyper_sd import HyperSDFullConfig
+    with pytest.raises(ConfigError, match=r"^HyperSDFullConfig\.adv_weights: \[1\.5\] outside \[0, 1\) .*set each adversarial weight to a value in \[0, 1\)$"):
+        HyperSDFullConfig(adv_weights=[0.0, 0.1, 0.3, 1.5])
+    with pytest.raises(ConfigError, match=r"^HyperSDFullConfig\.mixed_precision: fp16 needs loss scaling.*set mixed_precision to bf16"):
+        HyperSDFullConfig(mixed_precision="fp16")
+    with pytest.raises(ConfigError, match=r"HyperSDFullConfig\.gradient_accumulation_steps: 0 is not > 0"):
+        HyperSDFullConfig(gradient_accumulation_steps=0)
+    r = launch(tmp_path/"x", tmp_path/"home", "gradient_accumulation_steps=3", nproc=1)
+    assert r.returncode == 2 and r.stderr.startswith("error: batch_size 4 does not split over 1 process(es) × 3 accumulation step(s)"), r.stderr[-2000:]
+    assert "set batch_size to 3 or 6, or change gradient_accumulation_steps" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+def test_bf16_two_processes(tmp_path):
+    "bf16 autocast on CPU through DDP and accumulation (2 processes × 2 micro-batches): every phase runs, losses are finite, the LoRAs train."
+    import math
+    r = launch(tmp_path/"bf16", tmp_path/"home", *SHORT, "mixed_precision=bf16", "gradient_accumulation_steps=2", "batch_size=8", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path/"bf16"/"summary.json").read_text())
+    assert (s["mixed_precision"], s["world_size"], s["gradient_accumulation_steps"]) == ("bf16", 2, 2), s
+    assert all(math.isfinite(v) for v in s["phase_last_loss"].values()), s["phase_last_loss"]
+    lora = load_file(tmp_path/"bf16"/"lora.safetensors")
+    assert {str(v.dtype) for v in lora.values()} == {"torch.float32"}                      # trained tensors stay float32 under bf16
+    b = [v for k, v in lora.items() if ".merged." in k and "lora_B" in k]
+    assert b and max(v.abs().max().item() for v in b) > 0                 # B starts at zero: TSCD and feedback trained it
