@@ -155,8 +155,10 @@ def power_gate(value:float, threshold:float, at_most:bool=False, note:str="", un
 def seeds_gate(pilot_sd:float, n:int, sesoi:float, alpha:float=0.05, power:float=0.8, unit:str="")->Check:
     "Power gate of a paired claim: the minimum detectable effect of `n` seeds <= the smallest effect of interest."
     from distill_nb.stats import min_detectable_effect, seeds_needed
-    mde = min_detectable_effect(n, pilot_sd, alpha, power)
-    try: need = seeds_needed(sesoi, pilot_sd, alpha, power)
+    if pilot_sd == 0:   # no pilot noise: the MDE (linear in the sd) is 0 wherever n seeds can reach alpha at all
+        mde = 0.0 if np.isfinite(min_detectable_effect(n, 1.0, alpha, power)) else float("inf")
+    else: mde = min_detectable_effect(n, pilot_sd, alpha, power)
+    try: need = seeds_needed(sesoi, pilot_sd or 1e-9 * sesoi, alpha, power)
     except ValueError as e: need = str(e)
     return power_gate(mde, sesoi, at_most=True, unit=unit,
                       note=f"minimum detectable effect at {n} seeds (power {power}, pilot sd {pilot_sd:.3g}) vs the "
