@@ -174,3 +174,11 @@ def test_bad_inputs():
         regularized_evolution(sp, conv3_count(sp), 10, 4, 2, budget=10, cost=lambda a: count_flops(sp.build(a)), max_tries=20)
     with pytest.raises(ValueError, match="no common feature stage"):
         common_stages({"stages": [torch.zeros(2, 3, 5, 5)]}, {"stages": [torch.zeros(2, 3, 4, 4)]})
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT/"configs"/"diswot").glob("*.yaml") if p.name != "protocol.yaml"))
+def test_shipped_schedules_decay_within_the_run(name):
+    "Issue 19: every learning-rate decay of a shipped config falls inside the epochs it runs (the official NB201 one never decayed)."
+    from distill_nb.diswot import DiswotFullConfig
+    cfg = DiswotFullConfig.from_yaml(ROOT/"configs"/"diswot"/name)
+    for decay, epochs in ((cfg.lr_decay_epochs, cfg.epochs), (cfg.teacher_lr_decay_epochs, cfg.teacher_epochs)):
+        assert decay and all(0 < e < epochs for e in decay) and list(decay) == sorted(decay), (name, decay, epochs)
