@@ -128,13 +128,21 @@ def _reproduce_full(a)->int:
     return rc
 
 def cmd_results(a)->int:
-    "Render results/README.md from the records and print the summary table."
+    "Render results/README.md from the records and print the summary table; or, with --curves, plot runs' convergence tables."
+    if getattr(a, "curves", None): return _plot_curves(a)
     from distill_nb.records import render_results, results_dir, records_table, load_records
     root = Path(a.results or results_dir()); _check_writable(root); md = render_results(root)
     (root/"README.md").write_text(md)
     recs = load_records(root=root)
     print(records_table(recs) if recs else "no records yet: run `distill_nb reproduce`"); print(f"\nwrote {root/'README.md'}")
     return 0
+
+def _plot_curves(a)->int:
+    "`results --curves RUN_A RUN_B --out fig.png`: full-scale runs' curve.csv (written with eval_every > 0), side by side."
+    missing = [str(r) for r in a.curves if not (Path(r)/"curve.csv").is_file()]
+    if missing: raise UsageError(f"no curve.csv in {', '.join(missing)}; give run folders of a launcher run with eval_every > 0")
+    from distill_nb.disback import plot_curves
+    plot_curves(a.curves, a.out); print(f"wrote {a.out}"); return 0
 
 def cmd_bench(a)->int:
     "Run benchmarks and print what each measured (times and ratios from one run)."
@@ -220,7 +228,10 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="full scale: print the launch commands only")
     r.set_defaults(fn=cmd_reproduce)
     s = sub.add_parser("results", help="render results/README.md from the records", description=cmd_results.__doc__)
-    s.add_argument("--results", type=Path, default=None); s.set_defaults(fn=cmd_results)
+    s.add_argument("--results", type=Path, default=None)
+    s.add_argument("--curves", type=Path, nargs="+", metavar="RUN", help="plot these run folders' convergence tables (curve.csv) side by side")
+    s.add_argument("--out", type=Path, default=Path("curves.png"), help="with --curves: the figure file (default curves.png)")
+    s.set_defaults(fn=cmd_results)
     b = sub.add_parser("bench", help="speed/memory benchmarks (ratios measured in one run)", description=cmd_bench.__doc__)
     b.add_argument("targets", nargs="*", help="papers or paper:benchmark (default: all)"); b.set_defaults(fn=cmd_bench)
     l = sub.add_parser("list", help="papers, experiments, benchmarks and launchers", description=cmd_list.__doc__)

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Union
 
 # %% auto #0
-__all__ = ['seed_everything', 'get_device', 'home_dir', 'cache_dir', 'data_dir', 'repo_root', 'ConfigError', 'Domain', 'positive',
-           'nonneg', 'in_range', 'one_of', 'writable_dir', 'read_yaml', 'Config', 'config_hash', 'atomic_write_bytes',
-           'atomic_write_json', 'CheckpointError', 'save_tensors', 'load_tensors', 'tensors_metadata',
-           'NotWritableError', 'check_writable', 'Checkpointer', 'run_config', 'config_changes', 'check_resume',
-           'progress', 'NonFiniteLossError', 'check_finite', 'step_batch', 'fit', 'fixture_dirs', 'rng_preserved',
-           'cached_tensors', 'predict', 'accuracy', 'count_params']
+__all__ = ['BUILD_THREADS', 'seed_everything', 'get_device', 'home_dir', 'cache_dir', 'data_dir', 'repo_root', 'ConfigError',
+           'Domain', 'positive', 'nonneg', 'in_range', 'one_of', 'writable_dir', 'read_yaml', 'Config', 'config_hash',
+           'atomic_write_bytes', 'atomic_write_json', 'CheckpointError', 'save_tensors', 'load_tensors',
+           'tensors_metadata', 'NotWritableError', 'check_writable', 'Checkpointer', 'run_config', 'config_changes',
+           'check_resume', 'progress', 'NonFiniteLossError', 'check_finite', 'step_batch', 'fit', 'fixture_dirs',
+           'rng_preserved', 'torch_threads', 'cached_tensors', 'predict', 'accuracy', 'count_params']
 
 # %% ../nbs/00_core.ipynb #1df7874c
 import numpy as np
@@ -593,6 +593,14 @@ class rng_preserved:
         random.setstate(self.s[0]); np.random.set_state(self.s[1]); torch.set_rng_state(self.s[2])
         if self.s[3] is not None: torch.cuda.set_rng_state_all(self.s[3])
 
+class torch_threads:
+    "Context manager: torch uses `n` CPU threads inside, and the caller's count again on exit."
+    def __init__(self, n:int): self.n = n
+    def __enter__(self): self.old = torch.get_num_threads(); torch.set_num_threads(self.n)
+    def __exit__(self, *exc): torch.set_num_threads(self.old)
+
+BUILD_THREADS = 1   # a conv's or matmul's summation order, hence its bits, depends on the thread count: builds pin it
+
 def cached_tensors(name:str, # what is cached, e.g. "hinton-digits-teacher"
                    cfg,       # everything the tensors depend on, including a "cache_version" salt
                    make:Callable[[], dict[str, Tensor]]|None, # builds the tensors; None: look up only
@@ -607,7 +615,7 @@ def cached_tensors(name:str, # what is cached, e.g. "hinton-digits-teacher"
         if fcntl is not None: fcntl.flock(lock, fcntl.LOCK_EX)   # another process building this entry: wait for it
         try:
             if (out := _lookup([cache], fn, verbose)) is not None: return out
-            with rng_preserved(): out = make()         # a miss leaves the caller's RNG as a hit does
+            with rng_preserved(), torch_threads(BUILD_THREADS): out = make()   # a miss leaves the caller's RNG as a hit does
             save_tensors(cache/fn, out, {"name": name, "config": cfg})
             return out
         finally:

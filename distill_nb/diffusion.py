@@ -6,7 +6,8 @@ __all__ = ['make_scheduler', 'alphas_cumprod', 'add_noise', 'eps_to_x0', 'x0_to_
            'predict_eps', 'sample_ddim', 'one_step', 'ema_update', 'sliced_wasserstein', 'gaussian_fd',
            'frechet_distance', 'FeatureClassifier', 'train_feature_classifier', 'classifier_fd', 'pixel_fd',
            'eight_gaussians', 'digits_images', 'dequantize', 'tensor_batches', 'step_generator', 'train_eps_model',
-           'fake_score_loss', 'FakeScoreTrainer', 'dmd_grad', 'dmd_loss', 'OneStepPipeline']
+           'fake_score_loss', 'FakeScoreTrainer', 'dmd_grad', 'dmd_loss', 'lora_score_model', 'trainable_fraction',
+           'LoRAFakeScoreTrainer', 'train_memory', 'OneStepPipeline']
 
 # %% ../nbs/04_diffusion.ipynb #4de62a27
 """VP schedule, the Ψ (DDIM-jump) helper, ε-MLPs, samplers, metrics, fake-score and DMD2 losses shared by DisBack and Hyper-SD"""
@@ -525,6 +526,69 @@ def dmd_loss(x0:Tensor,             # generator samples G(z) (with grad)
     "DMD2's distribution-matching loss, whose x0-gradient is g / numel(x0)."
     g = dmd_grad(x0, real_model, fake_model, t_range, generator, cond, guidance, t, eps)
     return 0.5 * F.mse_loss(x0, (x0 - g).detach())
+
+# %% ../nbs/04_diffusion.ipynb #79737c8e
+from .core import ConfigError
+
+# %% ../nbs/04_diffusion.ipynb #6d41c00a
+def _shared_view(base:nn.Module)->nn.Module:
+    "A new module tree over `base`'s storage: frozen Parameters that view its tensors, buffers shared (nothing copied)."
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in base.parameters()}
+    memo.update({id(b): b for b in base.buffers()})
+    return copy.deepcopy(base, memo)
+
+def lora_score_model(base:nn.Module,             # the frozen base ε-net (teacher); shared, never modified
+                     rank:int=8,                 # LoRA rank r
+                     alpha:float|None=None,      # LoRA alpha (default r: scale α/r = 1)
+                     targets:list[str]|None=None, # module names (default: every nn.Linear and nn.Conv2d)
+                     name:str="score",           # adapter name (parameter names contain `.{name}.`)
+                    )->nn.Module:                # the score model; only its LoRA tensors (float32) require grad
+    "A trainable score model as a peft LoRA on a frozen view of `base` (B = 0: it starts equal to `base`, bit for bit)."
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"lora_score_model: rank {rank!r} is not a positive integer; pass rank >= 1 (e.g. 8)")
+    if any(isinstance(m, BaseTunerLayer) for m in base.modules()):
+        raise ConfigError(f"lora_score_model: {type(base).__name__} already carries LoRA layers; build the score model from the base before adding adapters")
+    m = _shared_view(base)
+    targets = list(targets) if targets else [n for n, mod in m.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    if not targets: raise ConfigError(f"lora_score_model: {type(base).__name__} has no nn.Linear or nn.Conv2d layer; pass targets=[module names]")
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets), m, adapter_name=name)
+    for n, p in m.named_parameters():
+        own = "lora_" in n and f".{name}." in n
+        if own: p.data = p.data.float()             # trained tensors in float32 even on a bf16 base
+        p.requires_grad_(own)
+    return m
+
+def trainable_fraction(model:nn.Module)->float:
+    "Trainable parameters / all parameters of `model` (counted by element)."
+    n = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(n, 1)
+
+# %% ../nbs/04_diffusion.ipynb #26812e48
+class LoRAFakeScoreTrainer(FakeScoreTrainer):
+    "`FakeScoreTrainer` whose fake ε-net is `lora_score_model(init_model, rank)`: the base is shared and frozen, Adam holds the adapter only."
+    def __init__(self, init_model:nn.Module, # the frozen base (teacher or DisBack's path end); not copied
+                 rank:int=8, lr:float=1e-3, ratio:int=5, betas:tuple=(0.9, 0.999), t_range:tuple=(20, 980),
+                 alpha:float|None=None, targets:list[str]|None=None):
+        if ratio < 1: raise ValueError(f"ratio (fake steps per generator step) must be >= 1, got {ratio}")
+        self.model = lora_score_model(init_model, rank, alpha, targets).train()
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=lr, betas=betas)
+        self.ratio, self.t_range = ratio, t_range
+
+# %% ../nbs/04_diffusion.ipynb #a7380aa8
+def train_memory(model:nn.Module,            # the trained model (after a backward pass, so gradients exist)
+                 opt:torch.optim.Optimizer|None=None, # its optimiser (after a step, so its state exists)
+                 base:nn.Module|None=None,     # a model whose storage `model` may share (not counted)
+                )->dict:                       # bytes: params (own storage), grads, optimizer, total
+    "Bytes a trained model adds beyond `base`: its own parameter and buffer storage, its gradients, its optimiser state."
+    st = lambda t: (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    shared = {st(t)[0] for t in ([*base.parameters(), *base.buffers()] if base is not None else [])}
+    own = {st(t) for t in [*model.parameters(), *model.buffers()] if st(t)[0] not in shared}
+    grads = {st(p.grad) for p in model.parameters() if p.grad is not None}
+    state = {st(v) for s in (opt.state.values() if opt is not None else []) for v in s.values() if torch.is_tensor(v)}
+    out = {"params": sum(b for _, b in own), "grads": sum(b for _, b in grads), "optimizer": sum(b for _, b in state)}
+    return {**out, "total": sum(out.values())}
 
 # %% ../nbs/04_diffusion.ipynb #c5b56d6d
 def _sample_shape(cfg, batch_size:int)->tuple:

@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Literal
 
 # %% auto #0
-__all__ = ['Mode', 'RING_TEACHER', 'DIGITS_TEACHER', 'DIGITS_CLASSIFIER', 'BEDS', 'CLAIM', 'SWEEP', 'sample_shape', 'frozen_copy',
-           'check_pair', 'DegradationPath', 'SimulatedCrash', 'record_degradation', 'FixedSwitch', 'AdaptiveSwitch',
-           'target_schedule', 'ScoreDistiller', 'distill', 'ring_teacher', 'digits_teacher', 'digits_classifier',
-           'sample_teacher', 'ring_eval', 'digits_eval', 'path_profile', 'fake_init_losses', 'iters_to_reach',
-           'curve_auc', 'speed', 'bed_teacher', 'bed_path', 'run_method', 'image_grid', 'ring_path_experiment',
-           'fake_loss_windows', 'convergence_record', 'ring_convergence_experiment', 'digits_convergence_experiment',
-           'claim_test', 'initial_direction_cos', 'mechanism_experiment', 'digits_sweep_experiment', 'save_run',
-           'load_pipeline', 'one_step_benchmark', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'disback_full']
+__all__ = ['Mode', 'RING_TEACHER', 'DIGITS_TEACHER', 'DIGITS_CLASSIFIER', 'BEDS', 'CLAIM', 'SWEEP', 'CURVE_FILE', 'CURVE_COLUMNS',
+           'sample_shape', 'frozen_copy', 'check_pair', 'DegradationPath', 'SimulatedCrash', 'record_degradation',
+           'FixedSwitch', 'AdaptiveSwitch', 'target_schedule', 'ScoreDistiller', 'distill', 'ring_teacher',
+           'digits_teacher', 'digits_classifier', 'sample_teacher', 'ring_eval', 'digits_eval', 'path_profile',
+           'fake_init_losses', 'iters_to_reach', 'curve_auc', 'speed', 'bed_teacher', 'bed_path', 'run_method',
+           'image_grid', 'ring_path_experiment', 'fake_loss_windows', 'convergence_record',
+           'ring_convergence_experiment', 'digits_convergence_experiment', 'claim_test', 'initial_direction_cos',
+           'mechanism_experiment', 'digits_sweep_experiment', 'save_run', 'load_pipeline', 'one_step_benchmark',
+           'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'check_eval_config', 'curve_eval', 'write_curve',
+           'read_curve', 'disback_full', 'plot_curves']
 
 # %% ../nbs/20_disback.ipynb #8a1d0a94
 import numpy as np
@@ -30,7 +32,7 @@ from .diffusion import (EpsMLP, ResEpsMLP, alphas_cumprod, add_noise, predict_ep
                                   digits_images, tensor_batches, sliced_wasserstein, pixel_fd, classifier_fd,
                                   train_feature_classifier, FeatureClassifier, matching_scheduler, OneStepPipeline)
 from .records import Record, experiment, benchmark
-from .launch import launcher, make_accelerator
+from .launch import launcher, make_accelerator, split_batch
 
 # %% ../nbs/20_disback.ipynb #42abce04
 def sample_shape(model:nn.Module, n:int)->tuple:
@@ -255,7 +257,7 @@ class ScoreDistiller:
         self.index = None; self.set_target(start)
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=lr_g, betas=betas)
         self.opt_f = torch.optim.Adam(self.fake.parameters(), lr=lr_f, betas=betas)
-        self.acc, self.rank, self.world = None, 0, 1
+        self.acc, self.rank, self.world, self.accumulation = None, 0, 1, 1
         self._gen_core, self._fake_core = self.gen, self.fake
 
     def set_target(self, i:int):
@@ -267,7 +269,7 @@ class ScoreDistiller:
     def attach(self, acc):
         "Run under an `accelerate.Accelerator`: prepare generator, fake score and optimisers (the target stays outside)."
         self.gen, self.fake, self.opt_g, self.opt_f = acc.prepare(self.gen, self.fake, self.opt_g, self.opt_f)
-        self.acc, self.rank, self.world = acc, acc.process_index, acc.num_processes
+        self.acc, self.rank, self.world, self.accumulation = acc, acc.process_index, acc.num_processes, acc.gradient_accumulation_steps
         self._gen_core, self._fake_core = acc.unwrap_model(self.gen), acc.unwrap_model(self.fake)
         self.target.to(acc.device); return self
 
@@ -294,20 +296,36 @@ class ScoreDistiller:
         import contextlib
         return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
 
-    def step(self, k:int)->dict:
-        "Iteration k: `ratio` fake-score updates, one generator update against the current target, then the switch."
-        g, f_losses = step_generator(self.seed, k), []
-        for _ in range(self.ratio):
-            z, t, eps = self._draw(g)
-            with torch.no_grad(), self._autocast(): x0 = one_step(self._gen_core, z, self.t_star)
-            with self._autocast(): lf = fake_score_loss(self.fake, x0.float(), t, eps)
-            self._backward(lf, self.fake, self.opt_f); f_losses.append(lf.detach())
-        z, t, eps = self._draw(g)
+    def _fake_loss(self, z:Tensor, t:Tensor, eps:Tensor)->Tensor:
+        "Denoising loss of the fake score on the current generator's samples."
+        with torch.no_grad(), self._autocast(): x0 = one_step(self._gen_core, z, self.t_star)
+        with self._autocast(): return fake_score_loss(self.fake, x0.float(), t, eps)
+
+    def _gen_loss(self, z:Tensor, t:Tensor, eps:Tensor)->Tensor:
+        "The DMD2-style loss of the generator against the current target."
         with self._autocast():
             x0 = one_step(self.gen, z, self.t_star)
-            lg = dmd_loss(x0.float(), self.target, self._fake_core, self.t_range, t=t, eps=eps)
-        self._backward(lg, self.gen, self.opt_g)
-        lg_v, lf_v = lg.detach(), torch.stack(f_losses).mean()
+            return dmd_loss(x0.float(), self.target, self._fake_core, self.t_range, t=t, eps=eps)
+
+    def _update(self, model, opt, loss_fn, batch:tuple)->Tensor:
+        "One optimiser step of `model` on this process's `batch`; under accelerate, in micro-batches under `acc.accumulate`."
+        if self.acc is None:
+            loss = loss_fn(*batch); self._backward(loss, model, opt); return loss.detach()
+        losses = []
+        for mb in zip(*(x.chunk(self.accumulation) for x in batch)):
+            with self.acc.accumulate(model):              # gradients synchronised, clipped and applied on the last
+                loss = loss_fn(*mb); self.acc.backward(loss)
+                if self.max_grad_norm and self.acc.sync_gradients: self.acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                opt.step(); opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
+
+    def step(self, k:int)->dict:
+        "Iteration k: `ratio` fake-score updates, one generator update against the current target, then the switch."
+        g = step_generator(self.seed, k)
+        f_losses = [self._update(self.fake, self.opt_f, self._fake_loss, self._draw(g)) for _ in range(self.ratio)]
+        lg = self._update(self.gen, self.opt_g, self._gen_loss, self._draw(g))
+        lg_v, lf_v = lg, torch.stack(f_losses).mean()
         if self.acc is not None: lg_v, lf_v = self.acc.reduce(lg_v, "mean"), self.acc.reduce(lf_v, "mean")
         out = {"dm": float(lg_v), "fake": float(lf_v), "target": self.index}
         self.set_target(self.switch.update(out["dm"]))
@@ -338,6 +356,7 @@ def distill(sd:ScoreDistiller,             # the configured distiller (fresh, or
             ckpt_every:int=100,
             crash_at:int|None=None,        # test hook: stop (raise) before this iteration
             is_main:bool=True, barrier=None,
+            on_eval=None,                  # on_eval(hist), main process: after a (re)start and after each evaluation
            )->dict:                        # {'curve': [{'iter', **metrics}], 'dm', 'fake', 'target', 'resumed_from'}
     "Run `sd` for `iters` iterations with periodic evaluation and resumable checkpoints."
     hist = {"curve": [], "dm": [], "fake": [], "target": []}; start, resumed, last = 0, None, None
@@ -347,6 +366,8 @@ def distill(sd:ScoreDistiller,             # the configured distiller (fresh, or
     def evaluate(k):
         if eval_fn is not None and is_main and not any(c["iter"] == k for c in hist["curve"]):
             hist["curve"].append({"iter": k, **eval_fn(sd)})
+            if on_eval is not None: on_eval(hist)
+    if on_eval is not None and is_main: on_eval(hist)   # a resumed run's log drops what came after its checkpoint
     if start == 0: evaluate(0)
     for k in progress(range(start, iters), total=iters, initial=start, desc=f"{sd.mode}"):
         if crash_at is not None and k == crash_at: raise SimulatedCrash(f"simulated crash at iteration {k}")
@@ -531,9 +552,11 @@ def fake_loss_windows(fake_losses:list[list[float]], windows=((0, 5), (5, 20), (
     return {f"{a}-{b-1}": float(np.mean([np.mean(f[a:b]) for f in fake_losses])) for a, b in windows
             if all(len(f) > a for f in fake_losses)}
 
-def convergence_record(bed:str, name:str, modes:tuple, seeds:list[int], scale:str, claim:str, **kw)->Record:
-    "Run `modes` on `bed` for each seed and compare them with the baseline (speed ratio, AUC, final)."
-    key = BEDS[bed]["key"]; runs = {m: [run_method(bed, m, s, **kw) for s in seeds] for m in modes}
+
+# %% ../nbs/20_disback.ipynb #67b72137
+def _speed_checks(bed:str, modes:tuple, seeds:list[int], runs:dict)->tuple[dict, dict, float, dict, dict]:
+    "Per-seed speed against the baseline, finals, the baseline's seed sd, the ratios and the two claim checks."
+    key = BEDS[bed]["key"]
     sp = {m: [speed(b["curve"], r["curve"], key) for b, r in zip(runs["baseline"], runs[m])] for m in modes if m != "baseline"}
     fin = {m: [r["curve"][-1][key] for r in runs[m]] for m in modes}
     sd_b = float(np.std(fin["baseline"], ddof=1)) if len(seeds) > 1 else 0.0
@@ -541,31 +564,54 @@ def convergence_record(bed:str, name:str, modes:tuple, seeds:list[int], scale:st
     checks = {"non-inferior at the end (DisBack mean final <= baseline mean final + 2 sd)":
                   bool(np.mean(fin["disback"]) <= np.mean(fin["baseline"]) + 2 * sd_b),
               "faster (speed ratio > 1 on every seed)": all(r > 1 for r in ratios["disback"])}
-    extra, figs = {}, {}
-    if bed == "digits":
-        t = digits_teacher(); clf = digits_classifier(); x, _ = digits_images()
-        z = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(1234)); ref = sample_teacher(t, z, 50)
-        extra = {"clf_fd_final": {m: [r["curve"][-1]["clf_fd"] for r in runs[m]] for m in modes},
-                 "teacher_ref": {"pixel_fd": pixel_fd(ref, x), "clf_fd": classifier_fd(clf, ref, x), "sampler": "50 trailing DDIM steps, x0 clipped"}}
-        plt = _plt(); fig, axs = plt.subplots(1, len(modes) + 2, figsize=(2.3 * (len(modes) + 2), 2.6))
-        with torch.no_grad(): g0 = one_step(t, z[:30])
-        image_grid(g0, 6, "G0 (teacher at t*)", axs[0])
-        for a, m in zip(axs[1:], modes): image_grid(runs[m][0]["sd"].sample(z[:30]), 6, f"{m}, it {runs[m][0]['curve'][-1]['iter']}", a)
-        image_grid(ref[:30], 6, "teacher, 50 steps", axs[-1]); plt.close(fig); figs["samples"] = fig
-    metrics = {"key": key, "final": fin, "baseline_sd": sd_b, "speed": sp, "speed_ratio": ratios,
-               "auc": {m: [curve_auc(r["curve"], key) for r in runs[m]] for m in modes},
-               "curves": {m: [r["curve"] for r in runs[m]] for m in modes},
-               "target_reaches_teacher": next((i for i, v in enumerate(runs["disback"][0]["target"]) if v == 0), None),
-               "wall_s": {m: [r["wall_s"] for r in runs[m]] for m in modes},
-               "fake_loss_early": {m: [[round(float(x), 6) for x in r["fake"][:100]] for r in runs[m]] for m in modes},
-               "fake_loss_windows": {m: fake_loss_windows([r["fake"] for r in runs[m]]) for m in modes}, **extra}
-    plt = _plt(); fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    return sp, fin, sd_b, ratios, checks
+
+def _digits_extras(modes:tuple, runs:dict)->tuple[dict, dict]:
+    "Digits only: final classifier-FDs, the teacher's own 50-step reference, and a grid of samples per method."
+    t = digits_teacher(); clf = digits_classifier(); x, _ = digits_images()
+    z = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(1234)); ref = sample_teacher(t, z, 50)
+    extra = {"clf_fd_final": {m: [r["curve"][-1]["clf_fd"] for r in runs[m]] for m in modes},
+             "teacher_ref": {"pixel_fd": pixel_fd(ref, x), "clf_fd": classifier_fd(clf, ref, x), "sampler": "50 trailing DDIM steps, x0 clipped"}}
+    plt = _plt(); fig, axs = plt.subplots(1, len(modes) + 2, figsize=(2.3 * (len(modes) + 2), 2.6))
+    with torch.no_grad(): g0 = one_step(t, z[:30])
+    image_grid(g0, 6, "G0 (teacher at t*)", axs[0])
+    for a, m in zip(axs[1:], modes): image_grid(runs[m][0]["sd"].sample(z[:30]), 6, f"{m}, it {runs[m][0]['curve'][-1]['iter']}", a)
+    image_grid(ref[:30], 6, "teacher, 50 steps", axs[-1]); plt.close(fig)
+    return extra, {"samples": fig}
+
+
+# %% ../nbs/20_disback.ipynb #83cfe8bb
+def _convergence_metrics(bed:str, modes:tuple, runs:dict, sp:dict, fin:dict, sd_b:float, ratios:dict, extra:dict)->dict:
+    "The record's metrics: finals, speed, AUC, curves, the iteration the target reaches the teacher, wall times, fake losses."
+    key = BEDS[bed]["key"]
+    return {"key": key, "final": fin, "baseline_sd": sd_b, "speed": sp, "speed_ratio": ratios,
+            "auc": {m: [curve_auc(r["curve"], key) for r in runs[m]] for m in modes},
+            "curves": {m: [r["curve"] for r in runs[m]] for m in modes},
+            "target_reaches_teacher": next((i for i, v in enumerate(runs["disback"][0]["target"]) if v == 0), None),
+            "wall_s": {m: [r["wall_s"] for r in runs[m]] for m in modes},
+            "fake_loss_early": {m: [[round(float(x), 6) for x in r["fake"][:100]] for r in runs[m]] for m in modes},
+            "fake_loss_windows": {m: fake_loss_windows([r["fake"] for r in runs[m]]) for m in modes}, **extra}
+
+def _convergence_figure(bed:str, modes:tuple, seeds:list[int], runs:dict, metrics:dict, extra:dict):
+    "Each seed's curve (faint) and the seed mean (bold) per method, the switch to the teacher, and the teacher's level."
+    key = metrics["key"]; plt = _plt(); fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for m in modes:
         for r in runs[m]: ax.plot([c["iter"] for c in r["curve"]], [c[key] for c in r["curve"]], color=f"C{modes.index(m)}", alpha=0.25, lw=0.8)
         ax.plot(*_mean_curve(runs[m], key), color=f"C{modes.index(m)}", lw=2, label=f"{m} (mean of {len(seeds)})")
     if metrics["target_reaches_teacher"] is not None: ax.axvline(metrics["target_reaches_teacher"], ls=":", color="C1", label="DisBack target = teacher")
     if bed == "digits": ax.axhline(extra["teacher_ref"][key], ls="--", color="k", lw=0.8, label="teacher (50 steps)")
     ax.set(xlabel="iteration", ylabel=key, title=f"{bed}: one-step generator quality"); ax.legend(fontsize=7); plt.close(fig)
+    return fig
+
+
+# %% ../nbs/20_disback.ipynb #19ddb15a
+def convergence_record(bed:str, name:str, modes:tuple, seeds:list[int], scale:str, claim:str, **kw)->Record:
+    "Run `modes` on `bed` for each seed and compare them with the baseline (speed ratio, AUC, final)."
+    key = BEDS[bed]["key"]; runs = {m: [run_method(bed, m, s, **kw) for s in seeds] for m in modes}
+    sp, fin, sd_b, ratios, checks = _speed_checks(bed, modes, seeds, runs)
+    extra, figs = _digits_extras(modes, runs) if bed == "digits" else ({}, {})
+    metrics = _convergence_metrics(bed, modes, runs, sp, fin, sd_b, ratios, extra)
+    fig = _convergence_figure(bed, modes, seeds, runs, metrics, extra)
     ms = lambda v: f"{np.mean(v):.3g} ± {np.std(v, ddof=1):.2g}" if len(v) > 1 else f"{v[0]:.3g}"
     summary = (f"final {key}: " + ", ".join(f"{m} {ms(fin[m])}" for m in modes) +
                "; speed ratio (baseline iters ÷ method iters to 1.25×baseline final): " +
@@ -578,6 +624,8 @@ def convergence_record(bed:str, name:str, modes:tuple, seeds:list[int], scale:st
         config={"bed": bed, **{k: v for k, v in BEDS[bed].items()}, **kw}, table=table, figs={"curves": fig, **figs},
         notes="Digest pilot on digits [pilot]: DisBack did not converge faster than the baseline (pixel-FD at 1000 iterations 2.89 vs 5.07, seed 0).")
 
+
+# %% ../nbs/20_disback.ipynb #ff11d933
 CLAIM = "DisBack (fake score from the path end, target walked back along the path) converges faster than the same score distillation without the path, and ends at least as good."
 
 @experiment("disback", "ring_convergence", "D1: baseline vs DisBack convergence on the 2-D ring (SW-2)")
@@ -737,7 +785,8 @@ class DisBackFullConfig(Config):
     lr_g: float = 2e-6
     lr_f: float = 2e-6
     ratio: int = 5
-    batch_size: int = 32               # global batch, split over the processes
+    batch_size: int = 32               # global: per-device micro-batch × gradient_accumulation_steps × processes
+    gradient_accumulation_steps: int = 1 # micro-batches per optimiser step (accelerate), for every fake and generator update
     t_star: int = 399
     t_min: int = 20
     t_max: int = 980
@@ -748,6 +797,11 @@ class DisBackFullConfig(Config):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = True
     tiny_sample_size: int = 8          # only for teacher: tiny-random
+    eval_every: int = 0                # in-run evaluation every this many iterations (also at 0 and at the end); 0: none
+    eval_features: str = ""            # 'digits-classifier' (classifier-FD, 1×8×8 samples) or a feature-network folder (save_pretrained)
+    eval_reference: str = "teacher"    # 'teacher' (its DDIM samples), 'digits' (the real digits) or a .safetensors file with `images`
+    eval_n: int = 512                  # one-step samples per evaluation (fixed noise, drawn from the seed)
+    eval_teacher_steps: int = 25       # DDIM steps of the 'teacher' reference
 
 def tiny_unet(sample_size:int=8, seed:int=0):
     "A seeded 42 k-parameter `UNet2DModel` (random weights) for smoke tests of the launcher."
@@ -782,11 +836,96 @@ def load_teacher(spec:str, sample_size:int=8)->nn.Module:
                               f"DisBack here assumes that schedule")
     return frozen_copy(UNet2DModel.from_pretrained(mdir, use_safetensors=True))
 
+# %% ../nbs/20_disback.ipynb #6c42c1b9
+CURVE_FILE = "curve.csv"
+CURVE_COLUMNS = ("iteration", "phase", "target", "metric", "value", "path_steps")
+
+def check_eval_config(cfg:DisBackFullConfig):
+    "Refuse a bad in-run evaluation setting with a one-line `ConfigError` (before any compute)."
+    if cfg.eval_every < 0: raise ConfigError(f"eval_every must be >= 0 (0: no in-run evaluation), got {cfg.eval_every}")
+    if cfg.eval_every == 0: return
+    if cfg.eval_n < 2: raise ConfigError(f"eval_n must be >= 2 (a Fréchet distance needs a covariance), got {cfg.eval_n}")
+    if not cfg.eval_features:
+        raise ConfigError("eval_every > 0 needs eval_features: set it to 'digits-classifier' (1×8×8 samples) or to a folder "
+                          "holding a feature network written by save_pretrained")
+    d = Path(cfg.eval_features).expanduser()
+    if cfg.eval_features != "digits-classifier" and not ((d/"config.json").is_file() and list(d.glob("*.safetensors"))):
+        raise ConfigError(f"eval_features {cfg.eval_features}: no feature network there (expected config.json and a .safetensors "
+                          f"file written by save_pretrained); point eval_features to that folder or set it to 'digits-classifier'")
+    r = Path(cfg.eval_reference).expanduser()
+    if cfg.eval_reference not in ("teacher", "digits") and not (r.is_file() and r.suffix == ".safetensors"):
+        raise ConfigError(f"eval_reference {cfg.eval_reference}: not 'teacher', 'digits' or an existing .safetensors file with "
+                          f"an `images` tensor; fix the path or set eval_reference to teacher")
+
+def _feature_net(spec:str)->nn.Module:
+    "The feature network of the in-run FD: the digits classifier, or a checked save_pretrained folder."
+    if spec == "digits-classifier": return digits_classifier()
+    d = Path(spec).expanduser(); name = json.loads((d/"config.json").read_text()).get("_class_name", "?")
+    try: cls = _model_class(name)
+    except ValueError: raise ConfigError(f"eval_features {spec}: unknown model class {name!r}; save a distill_nb.diffusion "
+                                         f"or diffusers model there with save_pretrained") from None
+    return cls.from_pretrained(d, use_safetensors=True).eval().requires_grad_(False)
+
+@torch.no_grad()
+def _features(net:nn.Module, x:Tensor, bs:int=256)->Tensor:
+    "Features of `x` in batches, on the network's device, returned flattened on the CPU."
+    dev, f = next(net.parameters()).device, getattr(net, "features", net)
+    return torch.cat([f(x[i:i + bs].to(dev)).float().reshape(len(x[i:i + bs]), -1).cpu() for i in range(0, len(x), bs)])
+
+
+# %% ../nbs/20_disback.ipynb #847667fd
+def curve_eval(cfg:DisBackFullConfig, teacher:nn.Module)->tuple[str, callable]:
+    "The launcher's in-run evaluation: (metric name, eval_fn(sd) -> {name: FD of one-step samples to the reference})."
+    from distill_nb.diffusion import frechet_distance
+    check_eval_config(cfg); dev = next(teacher.parameters()).device
+    net, name = _feature_net(cfg.eval_features).to(dev), "clf_fd" if cfg.eval_features == "digits-classifier" else "fd"
+    shape = sample_shape(teacher, cfg.eval_n)
+    if cfg.eval_features == "digits-classifier" and math.prod(shape[1:]) != net.config.in_dim:
+        raise ConfigError(f"eval_features digits-classifier scores 1×8×8 samples, this teacher makes {tuple(shape[1:])}; "
+                          f"give a feature network for its samples (a save_pretrained folder)")
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + cfg.seed))
+    if cfg.eval_reference == "teacher":
+        zr = torch.randn(shape, generator=torch.Generator().manual_seed(20_000 + cfg.seed))
+        ref = sample_teacher(teacher, zr.to(dev), cfg.eval_teacher_steps).cpu()
+    elif cfg.eval_reference == "digits": ref = digits_images()[0]
+    else:
+        from safetensors.torch import load_file
+        ref = load_file(Path(cfg.eval_reference).expanduser())["images"].float()
+    if tuple(ref.shape[1:]) != tuple(shape[1:]):
+        raise ConfigError(f"eval_reference {cfg.eval_reference}: its images are {tuple(ref.shape[1:])}, the generator makes "
+                          f"{tuple(shape[1:])}; give reference images of the generator's shape")
+    ref_f = _features(net, ref)
+    return name, lambda sd: {name: frechet_distance(_features(net, sd.sample(z)), ref_f)}
+
+
+# %% ../nbs/20_disback.ipynb #d052b3bf
+def write_curve(path:str|Path, hist:dict, path_steps:int=0)->Path:
+    "Rewrite the convergence table at `path` (atomically) from `distill`'s history: one row per evaluation and metric."
+    rows = [",".join(CURVE_COLUMNS)]
+    for c in hist["curve"]:
+        k = c["iter"]; tgt = hist["target"][k - 1] if k > 0 else ""
+        phase = "start" if k == 0 else ("teacher" if tgt == 0 else "path")
+        rows += [f"{k},{phase},{tgt},{m},{float(v)!r},{path_steps}" for m, v in c.items() if m != "iter"]
+    from distill_nb.core import atomic_write_bytes
+    atomic_write_bytes(path, ("\n".join(rows) + "\n").encode()); return Path(path)
+
+def read_curve(path:str|Path)->list[dict]:
+    "The rows of a run's convergence table (a run folder or its curve.csv), typed."
+    import csv
+    p = Path(path); p = p/CURVE_FILE if p.is_dir() else p
+    if not p.is_file(): raise FileNotFoundError(f"no convergence table at {p}: run the launcher with eval_every > 0 (it writes {CURVE_FILE})")
+    with open(p, newline="") as f:
+        return [{"iteration": int(r["iteration"]), "phase": r["phase"], "target": int(r["target"]) if r["target"] else None,
+                 "metric": r["metric"], "value": float(r["value"]), "path_steps": int(r["path_steps"])} for r in csv.DictReader(f)]
+
+
 # %% ../nbs/20_disback.ipynb #f494629f
 @launcher("disback", DisBackFullConfig)
 def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
     "Stage 1 (degradation path, main process) then stage 2 (backtracking or baseline) under accelerate, resumable."
-    acc = make_accelerator(cfg.mixed_precision); out = Path(out)
+    check_eval_config(cfg)                                # a bad evaluation setting fails before any process group,
+    micro = split_batch(cfg.batch_size, cfg.gradient_accumulation_steps)   # and so does an uneven batch split
+    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps); out = Path(out)
     seed_everything(cfg.seed)
     teacher = load_teacher(cfg.teacher, cfg.tiny_sample_size).to(acc.device)
     path = None
@@ -795,7 +934,6 @@ def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
             if (out/"path"/"path.json").exists(): path = DegradationPath.load(out/"path", type(teacher))
             else: path = record_degradation(teacher, teacher, cfg.n_nodes, cfg.path_every, cfg.path_lr, cfg.path_batch_size,
                                             cfg.t_star, cfg.seed, out_dir=out/"path", autocast=acc.autocast)
-    if cfg.batch_size % acc.num_processes: raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {acc.num_processes} processes")
     sd = ScoreDistiller(teacher, path, cfg.mode, cfg.switch, cfg.K, cfg.patience, 0.01, cfg.max_per_node, cfg.lr_g, cfg.lr_f,
                         cfg.ratio, cfg.batch_size, cfg.t_star, (cfg.t_min, cfg.t_max), cfg.seed, max_grad_norm=cfg.max_grad_norm)
     if cfg.gradient_checkpointing:
@@ -808,10 +946,42 @@ def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
         return step(k)
     sd.step = hooked
     ck = Checkpointer(out/"checkpoints", keep=cfg.keep)
-    h = distill(sd, cfg.iters, None, cfg.checkpoint_every, ck, cfg.checkpoint_every, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    ev, log, path_steps = None, None, 0 if cfg.mode == "baseline" else cfg.n_nodes * cfg.path_every
+    if cfg.eval_every and acc.is_main_process:           # only the main process evaluates and writes the curve
+        _, ev = curve_eval(cfg, teacher); log = lambda hist: write_curve(out/CURVE_FILE, hist, path_steps)
+    h = distill(sd, cfg.iters, ev, cfg.eval_every or cfg.iters, ck, cfg.checkpoint_every, is_main=acc.is_main_process,
+                barrier=acc.wait_for_everyone, on_eval=log)
     acc.wait_for_everyone()
     summary = {"resumed_from": h["resumed_from"], "world_size": acc.num_processes, "final_dm": h["dm"][-1], "targets": h["target"],
-               "final_index": sd.index, "path_nodes": None if path is None else len(path), "mode": cfg.mode}
+               "final_index": sd.index, "path_nodes": None if path is None else len(path), "mode": cfg.mode,
+               "curve": CURVE_FILE if cfg.eval_every else None, "path_steps": path_steps, "per_device_batch": micro,
+               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": str(acc.mixed_precision)}
     if acc.is_main_process:
         save_run(sd, out/"final"); atomic_write_json(out/"summary.json", summary)
     return summary
+
+# %% ../nbs/20_disback.ipynb #b3b4f726
+def plot_curves(runs:list,                   # run folders (each with curve.csv and, if present, summary.json)
+                out:str|Path|None=None,      # write the figure there (png, pdf, svg ...), or None
+                labels:list[str]|None=None,  # legend names (default: folder name and mode)
+               ):
+    "The convergence curves of `runs`, one row per metric: path not charged (left) and charged (right)."
+    if len(runs) < 1: raise ValueError("plot_curves needs at least one run folder")
+    data = [read_curve(r) for r in runs]; plt = _plt()
+    def mode(r):
+        s = Path(r)/"summary.json"; return json.loads(s.read_text()).get("mode", "?") if s.is_file() else "?"
+    labels = labels or [f"{Path(r).name} ({mode(r)})" for r in runs]
+    metrics = list(dict.fromkeys(row["metric"] for d in data for row in d))
+    fig, axs = plt.subplots(len(metrics), 2, figsize=(9, 3.2 * len(metrics)), squeeze=False)
+    for i, m in enumerate(metrics):
+        for j, (d, lab) in enumerate(zip(data, labels)):
+            rs = [row for row in d if row["metric"] == m]
+            for a, charged in zip(axs[i], (False, True)):
+                a.plot([row["iteration"] + charged * row["path_steps"] for row in rs], [row["value"] for row in rs],
+                       "o-", ms=2.5, lw=1.4, color=f"C{j}", label=lab)
+        axs[i][0].set(xlabel="distillation iteration (path not charged)", ylabel=m)
+        axs[i][1].set(xlabel="iteration + degradation steps (path charged)", ylabel=m)
+    axs[0][0].legend(fontsize=7); axs[0][0].set_title("convergence", fontsize=9); fig.tight_layout()
+    if out is not None: Path(out).parent.mkdir(parents=True, exist_ok=True); fig.savefig(out, dpi=120)
+    plt.close(fig); return fig
+

@@ -19,8 +19,9 @@ __all__ = ['NB201_OPS', 'NB201_EDGES', 'RESNET34_STAGES', 'PROXIES', 'VANILLA_PR
            'student_result', 'd2_space', 'd2_candidates', 'd2_ground_truth', 'd1_vanilla_vs_kd', 'scoring_batch',
            'random_teacher', 'rho_bootstrap', 'proxy_table', 'beats', 'term_contributions', 'd2_score_vs_kd',
            'diswot_fitness', 'd3_evolution', 'search_vs_train_benchmark', 'diswot_distill_loss', 'd5_distillers',
-           'DiswotFullConfig', 'crop_flip', 'TensorData', 'FolderData', 'full_data', 'nb201_from_dict',
-           'nb201_accuracies', 'nb201_lookup', 'diswot_full']
+           'DiswotData', 'DiswotSearch', 'DiswotFullConfig', 'crop_flip', 'TensorData', 'FolderData', 'load_batch',
+           'full_data', 'nb201_from_dict', 'nb201_accuracies', 'nb201_lookup', 'nb201_on_main', 'table_digest',
+           'diswot_full', 'full_speedup']
 
 # %% ../nbs/40_diswot.ipynb #a38fdc16
 import numpy as np
@@ -33,7 +34,7 @@ from .kd import (sp_loss, ickd_semantic, ce_weight_grad, at_loss, rkd_loss, pkt_
                            fitnet_loss, kd_kl)
 from .stats import spearman, kendall, reliability, disattenuated, binomial_se, sign_flip_test
 from .records import (Record, Check, experiment, benchmark, claim, claim_test, guard, power_gate, seeds_gate,
-                                protocol, run_parallel, jobs)
+                                protocol, run_parallel)
 from .launch import launcher, make_accelerator
 
 # %% ../nbs/40_diswot.ipynb #85e9051a
@@ -690,7 +691,8 @@ def quick_teacher(cfg:QuickTeacherConfig=QuickTeacherConfig())->tuple[StageNet, 
         train_net(m, x, y, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed), desc="teacher",
                   augment=getattr(cfg, "augment", False))
         return {**{f"model.{k}": v.clone().contiguous() for k, v in m.state_dict().items()}, "train_logits": predict(m, x)}
-    t = cached_tensors("diswot-fashion-teacher", cfg.to_dict(), make)
+    key = {**cfg.to_dict(), "cache_version": 2}   # 2: the fixture is the cold build (v1's fixture was not)
+    t = cached_tensors("diswot-fashion-teacher", key, make)
     m = resnet_like(cfg.stages); m.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     return m.eval().requires_grad_(False), t["train_logits"]
 
@@ -708,6 +710,7 @@ def student_result(space:SearchSpace, arch:str, mode:Literal["vanilla", "kd"], c
     if mode not in ("vanilla", "kd"): raise ValueError(f"mode must be 'vanilla' or 'kd', got {mode!r}")
     key = {"space": _space_desc(space), "arch": arch, "mode": mode, "train": cfg.to_dict(), "n_train": n_train,
            "teacher": teacher_cfg.to_dict() if mode == "kd" else None} | ({"n_test": n_test} if n_test != 2000 else {})
+    key["cache_version"] = 2   # 2: students of the v2 teacher; never reuse a result of v1's
     p = cache_dir("diswot", "students")/f"{config_hash(key)}.json"
     if p.exists(): return json.loads(p.read_text())
     x, y, xt, yt = fashion_small(n_train, n_test)
@@ -737,9 +740,7 @@ def _gt_job(args)->dict:
 def d2_ground_truth(archs:Sequence[str], seeds:Sequence[int], modes:Sequence[str]=("kd", "vanilla"), epochs:int=6,
                     n_train:int=4000, n_test:int=10000)->dict:
     "{arch: {mode: [test acc per seed], 'params', 'flops'}}: every (student, mode, seed) in parallel, each cached."
-    old = torch.get_num_threads(); torch.set_num_threads(min(2, jobs()))
-    try: quick_teacher(D2_TEACHER)          # trained (or read) once, before the workers start
-    finally: torch.set_num_threads(old)
+    quick_teacher(D2_TEACHER)   # trained (or read) once, before the workers start (on BUILD_THREADS threads, as the fixture)
     items = [(a, m, s, epochs, n_train, n_test) for a in reversed(list(archs)) for m in modes for s in seeds]  # large first
     res = dict(zip(items, run_parallel(_gt_job, items, desc="D2 student")))
     out = {}
@@ -1075,8 +1076,8 @@ def d5_distillers(scale:str="quick", seeds:list[int]|None=None, arch:str="222", 
 
 # %% ../nbs/40_diswot.ipynb #7989b204
 @dataclasses.dataclass
-class DiswotFullConfig(Config):
-    "Full-scale DisWOT: teacher, training-free R-EA search, then KD of the winner."
+class DiswotData(Config):
+    "The data part of `DiswotFullConfig`."
     dataset: Literal["cifar100", "imagenet", "fashion", "synthetic"] = "cifar100"
     data_root: str = ""                      # full-data root ('' = $DISTILL_NB_FULL_DATA)
     n_synthetic: int = 256
@@ -1084,8 +1085,13 @@ class DiswotFullConfig(Config):
     synthetic_classes: int = 10
     image_size: int = 224                    # imagenet: crop side
     resize: int = 256                        # imagenet: short side (then a square centre crop) before the crop
-    workers: int = 8                         # imagenet: image-decoding threads per process
+    workers: int = 8                         # imagenet: DataLoader worker processes per process (decoding); in-memory sets load in-process
     eval_batch: int = 500
+
+# %% ../nbs/40_diswot.ipynb #44d882d1
+@dataclasses.dataclass
+class DiswotSearch(DiswotData):
+    "The search part of `DiswotFullConfig`: space, scoring, R-EA, budget."
     space: Literal["s1", "nb201", "imagenet"] = "s1"
     s1_depths: list[int] = dataclasses.field(default_factory=lambda: [1, 3, 5, 7])
     s1_widths: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
@@ -1096,13 +1102,6 @@ class DiswotFullConfig(Config):
     res_depths: list[list[int]] = dataclasses.field(default_factory=lambda: [list(d) for d in imagenet_space().depths])
     res_widths: list[list[int]] = dataclasses.field(default_factory=lambda: [list(w) for w in imagenet_space().widths])
     res_kernels: list[list[int]] = dataclasses.field(default_factory=lambda: [list(k) for k in imagenet_space().kernels])
-    teacher_stages: list[list[int]] = dataclasses.field(default_factory=lambda: [[18, 16, 3], [18, 32, 3], [18, 64, 3]])
-    teacher_weights: str = ""                # a ResNet state dict to load instead of training ('' = train in-repo; imagenet: required)
-    teacher_epochs: int = 240
-    teacher_lr: float = 0.05
-    teacher_batch_size: int = 64
-    teacher_lr_decay_epochs: list[int] = dataclasses.field(default_factory=lambda: [150, 180, 210])
-    teacher_checkpoint_every: int = 1000
     score_batch: int = 64
     score_terms: list[str] = dataclasses.field(default_factory=lambda: ["semantic", "relation"])
     score_form: Literal["code", "paper"] = "code"
@@ -1113,9 +1112,22 @@ class DiswotFullConfig(Config):
     budget_kind: Literal["flops", "params", "none"] = "flops"
     budget: float = 100e6
     search_checkpoint_every: int = 10
+    plan_speed: bool = False                 # `distill_nb plan` also times scoring vs KD per candidate on this CPU (D4 at full scale)
+
+# %% ../nbs/40_diswot.ipynb #4e09721c
+@dataclasses.dataclass
+class DiswotFullConfig(DiswotSearch):
+    "Full-scale DisWOT: teacher, training-free R-EA search, then KD of the winner (data and search fields above)."
+    teacher_stages: list[list[int]] = dataclasses.field(default_factory=lambda: [[18, 16, 3], [18, 32, 3], [18, 64, 3]])
+    teacher_weights: str = ""                # a ResNet state dict to load instead of training ('' = train in-repo; imagenet: required)
+    teacher_epochs: int = 240
+    teacher_lr: float = 0.05
+    teacher_batch_size: int = 64
+    teacher_lr_decay_epochs: list[int] = dataclasses.field(default_factory=lambda: [150, 180, 210])
+    teacher_checkpoint_every: int = 1000
     epochs: int = 240
     lr_decay_epochs: list[int] = dataclasses.field(default_factory=lambda: [150, 180, 210])
-    batch_size: int = 64
+    batch_size: int = 64                     # global: split over the processes
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -1128,51 +1140,58 @@ class DiswotFullConfig(Config):
     keep: int = 3
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
+# %% ../nbs/40_diswot.ipynb #a5320190
 _CIFAR_MEAN, _CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-def crop_flip(xb:Tensor, gen:torch.Generator, pad:int=4)->Tensor:
-    "Random crop (zero padding `pad`) and horizontal flip, drawn from `gen` (seeded per step for exact resume)."
-    n, _, h, w = xb.shape; p = F.pad(xb, (pad,) * 4)
-    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen); flip = torch.rand(n, generator=gen) < 0.5
-    out = torch.stack([p[j, :, off[j, 0]:off[j, 0] + h, off[j, 1]:off[j, 1] + w] for j in range(n)])
-    return torch.where(flip.view(n, 1, 1, 1).to(out.device), out.flip(-1), out)
+def _crop_draws(gen:torch.Generator|None, n:int, span:int, lo:int, k:int)->tuple[Tensor, Tensor]:
+    "Crop offsets (n, 2) in [0, span] and flips (n,) of a global batch of n, drawn from `gen` (centre, no flip without one); rows lo:lo+k."
+    if gen is None: return torch.full((k, 2), span // 2), torch.zeros(k, dtype=torch.bool)
+    off = torch.randint(0, span + 1, (n, 2), generator=gen); flip = torch.rand(n, generator=gen) < 0.5
+    return off[lo:lo + k], flip[lo:lo + k]
 
-class TensorData:
-    "An in-memory image set; `batch(idx, gen, rank, world)` augments the global batch (when `gen`) and keeps this rank's slice."
+def _crop(xb:Tensor, off:Tensor, flip:Tensor, s:int)->Tensor:
+    out = torch.stack([xb[j, :, off[j, 0]:off[j, 0] + s, off[j, 1]:off[j, 1] + s] for j in range(len(xb))])
+    return torch.where(flip.view(-1, 1, 1, 1).to(out.device), out.flip(-1), out)
+
+def crop_flip(xb:Tensor, gen:torch.Generator, pad:int=4, lo:int=0, n:int|None=None)->Tensor:
+    "Random crop (zero padding `pad`) and horizontal flip drawn from `gen` for a global batch of `n` (default: `xb`'s); rows lo:lo+len(xb)."
+    off, flip = _crop_draws(gen, n or len(xb), 2 * pad, lo, len(xb))
+    return _crop(F.pad(xb, (pad,) * 4), off, flip, xb.shape[-1])
+
+class TensorData(torch.utils.data.Dataset):
+    "An in-memory image set: item `i` is `(x[i], y[i])`; `prep` pads, crops and flips (with a generator)."
     def __init__(self, x:Tensor, y:Tensor): self.x, self.y = x, y
     def __len__(self): return len(self.y)
+    def __getitem__(self, i): return self.x[i], self.y[i]
     @property
     def in_ch(self)->int: return self.x.shape[1]
-    def batch(self, idx:Tensor, gen:torch.Generator|None=None, rank:int=0, world:int=1)->tuple[Tensor, Tensor]:
-        xb = self.x[idx]
-        if gen is not None: xb = crop_flip(xb, gen)
-        return xb[rank::world], self.y[idx][rank::world]
+    def prep(self, xb:Tensor, gen:torch.Generator|None=None, lo:int=0, n:int|None=None)->Tensor:
+        return xb if gen is None else crop_flip(xb, gen, 4, lo, n)
 
-class FolderData:
-    "ImageNet-style class folders read on demand: short side to `resize` + centre square, then a random (train) or centre crop."
-    def __init__(self, folder, size:int=224, resize:int=256, workers:int=0):
+# %% ../nbs/40_diswot.ipynb #f0eaebf7
+class FolderData(torch.utils.data.Dataset):
+    "ImageNet-style class folders: item `i` decoded in a loader worker (short side `resize`, centre square, uint8); `prep` crops to `size` and normalises."
+    in_ch = 3
+    def __init__(self, folder, size:int=224, resize:int=256):
         if resize < size: raise ValueError(f"resize ({resize}) must be >= image_size ({size})")
-        self.folder, self.size, self.resize, self.workers = folder, size, resize, workers
+        self.folder, self.size, self.resize = folder, size, resize
         self.y = torch.tensor([c for _, c in folder.items], dtype=torch.long)
         self.mean, self.std = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1), torch.tensor(_IMAGENET_STD).view(3, 1, 1)
     def __len__(self): return len(self.y)
-    in_ch = 3
-    def batch(self, idx:Tensor, gen:torch.Generator|None=None, rank:int=0, world:int=1)->tuple[Tensor, Tensor]:
+    def __getitem__(self, i):
         from distill_nb.data import load_image
-        n, r, s = len(idx), self.resize, self.size
-        if gen is not None: off, flip = torch.randint(0, r - s + 1, (n, 2), generator=gen), torch.rand(n, generator=gen) < 0.5
-        else: off, flip = torch.full((n, 2), (r - s) // 2), torch.zeros(n, dtype=torch.bool)
-        keep = list(range(n))[rank::world]
-        def one(j):
-            x = load_image(self.folder.items[int(idx[j])][0], r)[:, off[j, 0]:off[j, 0] + s, off[j, 1]:off[j, 1] + s]
-            return ((x.flip(-1) if flip[j] else x) - self.mean) / self.std
-        if self.workers > 0:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(self.workers) as ex: xs = list(ex.map(one, keep))
-        else: xs = [one(j) for j in keep]
-        return torch.stack(xs), self.y[idx][rank::world]
+        return (load_image(self.folder.items[i][0], self.resize) * 255).round().to(torch.uint8), self.y[i]
+    def prep(self, xb:Tensor, gen:torch.Generator|None=None, lo:int=0, n:int|None=None)->Tensor:
+        off, flip = _crop_draws(gen, n or len(xb), self.resize - self.size, lo, len(xb))
+        x = _crop(xb, off, flip, self.size).float() / 255
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
+def load_batch(data, idx)->tuple[Tensor, Tensor]:
+    "Items `idx` of `data`, stacked in this process (the scoring batch), not yet `prep`-ed."
+    xs, ys = zip(*(data[int(i)] for i in idx)); return torch.stack(xs), torch.as_tensor(ys)
+
+# %% ../nbs/40_diswot.ipynb #1d92ba61
 def full_data(cfg:DiswotFullConfig)->tuple:
     "(train, test, number of classes): `TensorData` for CIFAR-100 / Fashion-MNIST / synthetic, `FolderData` for ImageNet."
     if cfg.dataset == "synthetic":
@@ -1192,13 +1211,16 @@ def full_data(cfg:DiswotFullConfig)->tuple:
         tr, va = (imagenet_folder(cfg.data_root or None, sp, size=None) for sp in ("train", "val"))
         if tr.classes != va.classes:
             raise ValueError(f"ImageNet train and val class folders differ ({len(tr.classes)} vs {len(va.classes)}); sort val into the same <wnid>/ folders")
-        return (FolderData(tr, cfg.image_size, cfg.resize, cfg.workers), FolderData(va, cfg.image_size, cfg.resize, cfg.workers),
-                len(tr.classes))
+        return FolderData(tr, cfg.image_size, cfg.resize), FolderData(va, cfg.image_size, cfg.resize), len(tr.classes)
     from distill_nb.data import cifar100
     (x, y, _), (xt, yt, _) = cifar100(cfg.data_root or None, "train"), cifar100(cfg.data_root or None, "test")
     mu, sd = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
     f = lambda a: (a.float() / 255. - mu) / sd
     return TensorData(f(x), y), TensorData(f(xt), yt), 100
+
+def _workers(cfg:DiswotFullConfig, data)->int:
+    "Loader workers: `cfg.workers` for image folders (decoding), none for in-memory tensors (nothing to decode)."
+    return cfg.workers if isinstance(data, FolderData) else 0
 
 # %% ../nbs/40_diswot.ipynb #3ac9820e
 _NB201_SET = {"cifar100": "x-test", "ImageNet16-120": "x-test", "cifar10": "ori-test", "cifar10-valid": "x-valid"}
@@ -1221,6 +1243,7 @@ def nb201_from_dict(d:dict, dataset:str="cifar100", hp:str="full")->dict[str, fl
     if not out: raise ValueError(f"the NAS-Bench-201 file has no '{hp}' results for {dataset!r}")
     return out
 
+# %% ../nbs/40_diswot.ipynb #994c216f
 def nb201_accuracies(path:str|Path, dataset:str="cifar100")->dict[str, float]:
     "{arch: accuracy} from a user-placed NAS-Bench-201 file: the official .pth (read safely) or a JSON {arch: acc | {dataset: acc}}."
     p = Path(path) if path else None
@@ -1243,6 +1266,23 @@ def nb201_accuracies(path:str|Path, dataset:str="cifar100")->dict[str, float]:
 def nb201_lookup(path:str|Path, arch:str, dataset:str="cifar100")->float|None:
     "The benchmark accuracy of `arch` (None if the file does not list it)."
     return nb201_accuracies(path, dataset).get(arch)
+
+# %% ../nbs/40_diswot.ipynb #f0014468
+def nb201_on_main(acc, path:str|Path, dataset:str="cifar100")->dict[str, float]:
+    "`nb201_accuracies` read by the main process alone, the table broadcast to every process (errors too)."
+    from accelerate.utils import broadcast_object_list
+    box = [None]
+    if acc.is_main_process:
+        try: box[0] = nb201_accuracies(path, dataset)
+        except (FileNotFoundError, ValueError) as e: box[0] = e
+    if acc.num_processes > 1: broadcast_object_list(box, from_process=0)
+    if isinstance(box[0], Exception): raise box[0]
+    return box[0]
+
+def table_digest(d:dict)->str:
+    "A short fingerprint of a {key: value} table (equal tables, equal digests)."
+    import hashlib
+    return hashlib.sha256(json.dumps(sorted(d.items())).encode()).hexdigest()[:16]
 
 # %% ../nbs/40_diswot.ipynb #4f47610b
 def _full_space(cfg:DiswotFullConfig, in_ch:int, k:int)->SearchSpace:
@@ -1269,26 +1309,39 @@ def _teacher_weights(cfg:DiswotFullConfig)->Path|None:
     d = full_data_root(cfg.data_root or None)/"pretrained"
     return next((p for p in (d/"resnet34.safetensors", d/"resnet34.pth") if p.exists()), d/"resnet34.safetensors")
 
+# %% ../nbs/40_diswot.ipynb #ac0d20c9
 def _multistep_lr(lr:float, decay_epochs:Sequence[int], step:int, steps_per_epoch:int)->float:
     return lr * 0.1 ** sum(step >= e * steps_per_epoch for e in decay_epochs)
 
 def _fit_sgd(acc, model:nn.Module, opt, train, loss_fn, name:str, ck_dir:Path, *, lr:float, decay_epochs:Sequence[int],
-             batch_size:int, epochs:int, seed:int, augment:bool, keep:int, every:int, crash_env:str, crash_code:int)->dict:
-    "Resumable multistep-LR training under accelerate: each process takes its slice of the seeded global batch."
-    spe = math.ceil(len(train) / batch_size); rank, world, dev = acc.process_index, acc.num_processes, acc.device
+             batch_size:int, epochs:int, seed:int, augment:bool, keep:int, every:int, crash_env:str, crash_code:int,
+             workers:int=0)->dict:
+    "Resumable multistep-LR training under accelerate, its batches from the engine's `StepLoader`."
+    from distill_nb.launch import StepLoader
+    spe = math.ceil(len(train) / batch_size); dev = acc.device
+    batches = StepLoader(train, acc, batch_size, seed, workers); lo = acc.process_index * batches.micro
     crash_at = int(os.environ.get(crash_env, -1))      # test hook: the main process dies hard before this step
     def step(i):
         if i == crash_at and acc.is_main_process: os._exit(crash_code)
         for gp in opt.param_groups: gp["lr"] = _multistep_lr(lr, decay_epochs, i, spe)
-        idx = step_batch(len(train), batch_size, i, seed)
-        xb, yb = train.batch(idx, torch.Generator().manual_seed(10_000_019 * seed + i) if augment else None, rank, world)
-        loss = loss_fn(xb.to(dev), yb.to(dev))
+        (xb, yb), = batches(i)
+        xb = train.prep(xb.to(dev), torch.Generator().manual_seed(10_000_019 * seed + i) if augment else None, lo, batch_size)
+        loss = loss_fn(xb, yb.to(dev))
         opt.zero_grad(); acc.backward(loss); opt.step(); return acc.reduce(loss.detach(), "mean")
-    return fit(step, epochs * spe, Checkpointer(ck_dir, keep=keep), {name: acc.unwrap_model(model)}, {"opt": opt}, every=every,
-               desc=name, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    try: return fit(step, epochs * spe, Checkpointer(ck_dir, keep=keep), {name: acc.unwrap_model(model)}, {"opt": opt}, every=every,
+                    desc=name, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    finally: batches.close()
 
+def _evaluate(model:nn.Module, data, bs:int, dev, workers:int=0)->float:
+    model.eval(); hits = 0
+    with torch.no_grad():
+        for xb, yb in torch.utils.data.DataLoader(data, bs, num_workers=workers):
+            hits += (model(data.prep(xb.to(dev))).argmax(-1).cpu() == yb).sum().item()
+    return hits / len(data)
+
+# %% ../nbs/40_diswot.ipynb #16f2afb1
 def _train_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->dict:
-    "Train the teacher on every process (each its slice of the global batch), checkpointed and resumable."
+    "Train the teacher on every process (each its share of the global batch), checkpointed and resumable."
     torch.manual_seed(cfg.seed); m = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg))
     opt = torch.optim.SGD(m.parameters(), cfg.teacher_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     m, opt = acc.prepare(m, opt); m.train()
@@ -1297,7 +1350,7 @@ def _train_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->dict:
     r = _fit_sgd(acc, m, opt, train, loss_fn, "teacher", out/"teacher"/"checkpoints", lr=cfg.teacher_lr,
                  decay_epochs=cfg.teacher_lr_decay_epochs, batch_size=cfg.teacher_batch_size, epochs=cfg.teacher_epochs,
                  seed=cfg.seed + 1, augment=cfg.augment, keep=cfg.keep, every=cfg.teacher_checkpoint_every,
-                 crash_env="DISTILL_NB_CRASH_AT_TEACHER_STEP", crash_code=19)
+                 crash_env="DISTILL_NB_CRASH_AT_TEACHER_STEP", crash_code=19, workers=_workers(cfg, train))
     if acc.is_main_process: atomic_write_json(out/"teacher"/"summary.json", {"resumed_from": r["resumed_from"], "final_loss": r["losses"][-1]})
     return {k_: v.detach().cpu().clone().contiguous() for k_, v in acc.unwrap_model(m).state_dict().items()}
 
@@ -1307,7 +1360,7 @@ def _full_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path, w:Path|None
     if w is not None: return load_resnet_weights(m, w, f"the {cfg.dataset} teacher's weights")
     t_cfg = {f: getattr(cfg, f) for f in ("dataset", "n_synthetic", "synthetic_size", "synthetic_classes", "teacher_stages",
                                           "teacher_epochs", "teacher_lr", "teacher_lr_decay_epochs", "teacher_batch_size", "momentum",
-                                          "weight_decay", "augment", "seed")}
+                                          "weight_decay", "augment", "seed")} | {"loader": "steploader"}   # v2: batches from the engine
     sd = cached_tensors("diswot-full-teacher", t_cfg, None, verbose=False)
     if sd is None:
         sd = _train_teacher(cfg, train, k, acc, out)
@@ -1316,33 +1369,15 @@ def _full_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path, w:Path|None
         sd = cached_tensors("diswot-full-teacher", t_cfg, lambda: sd)   # every process reads the main process's file
     m.load_state_dict(sd); return m
 
-def _evaluate(model:nn.Module, data, bs:int, dev)->float:
-    model.eval(); hits = 0
-    with torch.no_grad():
-        for i in range(0, len(data), bs):
-            xb, yb = data.batch(torch.arange(i, min(i + bs, len(data))))
-            hits += (model(xb.to(dev)).argmax(-1).cpu() == yb).sum().item()
-    return hits / len(data)
-
-# %% ../nbs/40_diswot.ipynb #b3327d25
-@launcher("diswot", DiswotFullConfig)
-def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
-    "Teacher (loaded, cached or trained resumably), DisWOT-guided R-EA (resumable), then resumable KD of the winner under accelerate."
-    out = Path(out); acc = make_accelerator(cfg.mixed_precision)
-    nb201 = nb201_accuracies(cfg.nb201_file, cfg.nb201_dataset) if cfg.space == "nb201" else None   # read once; fails early
-    if (cfg.space == "imagenet") != (cfg.dataset == "imagenet"):
-        raise ValueError(f"space {cfg.space!r} does not fit dataset {cfg.dataset!r}: the imagenet space goes with the imagenet data set")
-    if (w := _teacher_weights(cfg)) is not None: _require_weights(w, f"the {cfg.dataset} teacher's weights")   # before any work
-    train, test, k = full_data(cfg); space = _full_space(cfg, train.in_ch, k); _check_widths(cfg, space)
-    dev = acc.device
-    teacher = _full_teacher(cfg, train, k, acc, out, w).eval().requires_grad_(False).to(dev)   # frozen: never DDP-wrapped
-    # --- training-free search (main process first; the others then read its finished state) ---
-    crash_eval = int(os.environ.get("DISTILL_NB_CRASH_AT_EVAL", -1))
+# %% ../nbs/40_diswot.ipynb #11e0f0f6
+def _search(cfg:DiswotFullConfig, space:SearchSpace, train, k:int, acc, out:Path)->dict:
+    "R-EA guided by DisWOT against one seeded random teacher, on the main process first (the others then read its finished state)."
+    dev = acc.device; crash_eval = int(os.environ.get("DISTILL_NB_CRASH_AT_EVAL", -1))
     def on_eval(n):
         if n == crash_eval and acc.is_main_process: os._exit(18)
     with acc.main_process_first():
         gi = torch.Generator().manual_seed(cfg.seed); sidx = torch.randperm(len(train), generator=gi)[:cfg.score_batch]
-        xs, ys = train.batch(sidx); xs, ys = xs.to(dev), ys.to(dev)
+        xs, ys = load_batch(train, sidx); xs, ys = train.prep(xs.to(dev)), ys.to(dev)
         # the random teacher gets its own seed: with the students' seed, layers of equal shape would start identical
         torch.manual_seed(cfg.seed + 7919); rt = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg))
         if cfg.init == "gaussian": gaussian_init(rt)
@@ -1356,13 +1391,13 @@ def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
         cost = (None if cfg.budget_kind == "none" else
                 (lambda a: count_flops(space.build(a), shape)) if cfg.budget_kind == "flops" else n_params)
         out.mkdir(parents=True, exist_ok=True)
-        search = regularized_evolution(space, fitness, cfg.evaluations, cfg.population, cfg.sample,
-                                       None if cfg.budget_kind == "none" else cfg.budget, cost, cfg.seed,
-                                       state_path=out/"search_state.json", checkpoint_every=cfg.search_checkpoint_every,
-                                       on_eval=on_eval)
-    best = search["best"]
-    bench = nb201.get(best) if nb201 is not None else None
-    # --- KD of the winner ---
+        return regularized_evolution(space, fitness, cfg.evaluations, cfg.population, cfg.sample,
+                                     None if cfg.budget_kind == "none" else cfg.budget, cost, cfg.seed,
+                                     state_path=out/"search_state.json", checkpoint_every=cfg.search_checkpoint_every, on_eval=on_eval)
+
+# %% ../nbs/40_diswot.ipynb #38aec598
+def _kd_winner(cfg:DiswotFullConfig, space:SearchSpace, best:str, teacher:nn.Module, train, acc, out:Path)->tuple[nn.Module, dict]:
+    "Resumable KD of the search's winner against the frozen teacher (0.1 CE + 0.9 KD at temperature T)."
     torch.manual_seed(cfg.seed); student = space.build(best)
     opt = torch.optim.SGD(student.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     student, opt = acc.prepare(student, opt)
@@ -1372,14 +1407,74 @@ def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
             z = student(xb); return cfg.gamma * F.cross_entropy(z, yb) + cfg.alpha * kd_kl(z, tb, cfg.T)
     res = _fit_sgd(acc, student, opt, train, kd_loss, "student", out/"checkpoints", lr=cfg.lr, decay_epochs=cfg.lr_decay_epochs,
                    batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, augment=cfg.augment, keep=cfg.keep,
-                   every=cfg.checkpoint_every, crash_env="DISTILL_NB_CRASH_AT_STEP", crash_code=17)
+                   every=cfg.checkpoint_every, crash_env="DISTILL_NB_CRASH_AT_STEP", crash_code=17, workers=_workers(cfg, train))
+    return acc.unwrap_model(student), res
+
+# %% ../nbs/40_diswot.ipynb #b3327d25
+@launcher("diswot", DiswotFullConfig)
+def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
+    "Teacher (loaded, cached or trained resumably), DisWOT-guided R-EA (resumable), then resumable KD of the winner under accelerate."
+    from distill_nb.launch import split_batch
+    from accelerate.utils import gather_object
+    split_batch(cfg.batch_size)                                 # an uneven split fails before any process group
+    if _teacher_weights(cfg) is None: split_batch(cfg.teacher_batch_size)
+    out = Path(out); acc = make_accelerator(cfg.mixed_precision)
+    nb201 = nb201_on_main(acc, cfg.nb201_file, cfg.nb201_dataset) if cfg.space == "nb201" else None   # fails early
+    if (cfg.space == "imagenet") != (cfg.dataset == "imagenet"):
+        raise ValueError(f"space {cfg.space!r} does not fit dataset {cfg.dataset!r}: the imagenet space goes with the imagenet data set")
+    if (w := _teacher_weights(cfg)) is not None: _require_weights(w, f"the {cfg.dataset} teacher's weights")   # before any work
+    train, test, k = full_data(cfg); space = _full_space(cfg, train.in_ch, k); _check_widths(cfg, space)
+    teacher = _full_teacher(cfg, train, k, acc, out, w).eval().requires_grad_(False).to(acc.device)   # frozen: never DDP-wrapped
+    search = _search(cfg, space, train, k, acc, out); best = search["best"]
+    student, res = _kd_winner(cfg, space, best, teacher, train, acc, out)
+    digests = gather_object([table_digest(nb201)]) if nb201 is not None else None    # every process's copy of the table
     acc.wait_for_everyone()
     summary = {"best_arch": best, "best_score": search["fitness"], "search_evaluations": search["n_evals"],
-               "search_resumed_from": search["resumed_from"], "benchmark_accuracy": bench,
-               "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": acc.num_processes}
+               "search_resumed_from": search["resumed_from"], "benchmark_accuracy": nb201.get(best) if nb201 is not None else None,
+               "benchmark_digests": digests, "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"],
+               "world_size": acc.num_processes}
     if acc.is_main_process:
-        s = acc.unwrap_model(student)
-        summary["test_acc"], summary["teacher_test_acc"] = _evaluate(s, test, cfg.eval_batch, dev), _evaluate(teacher, test, cfg.eval_batch, dev)
-        save_tensors(out/"student.safetensors", {k_: v.detach().cpu().contiguous() for k_, v in s.state_dict().items()})
+        ev = lambda m: _evaluate(m, test, cfg.eval_batch, acc.device, _workers(cfg, test))
+        summary["test_acc"], summary["teacher_test_acc"] = ev(student), ev(teacher)
+        save_tensors(out/"student.safetensors", {k_: v.detach().cpu().contiguous() for k_, v in student.state_dict().items()})
         atomic_write_json(out/"summary.json", summary)
     return summary
+
+# %% ../nbs/40_diswot.ipynb #2941b75b
+_FULL_SHAPES = {"cifar100": (3, 32, 100, 50_000), "fashion": (1, 28, 10, 60_000)}   # in_ch, side, classes, train images
+
+def full_speedup(cfg:DiswotFullConfig, n_cands:int=3, steps:int=2, batch:int=16, paper_epochs:int=240)->dict:
+    "D4 at full scale on this CPU: per candidate, one DisWOT score vs KD training (`steps` timed steps at `batch`, extrapolated)."
+    in_ch, side, k, n_train = _FULL_SHAPES.get(cfg.dataset, (3, cfg.image_size, 1000, 1_281_167) if cfg.dataset == "imagenet"
+                                               else (3, cfg.synthetic_size, cfg.synthetic_classes, cfg.n_synthetic))
+    space, rng, g = _full_space(cfg, in_ch, k), random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    archs = [space.sample(rng) for _ in range(n_cands)]; paper = cfg.score_form == "paper"
+    xs, ys = torch.randn(cfg.score_batch, in_ch, side, side, generator=g), torch.randint(0, k, (cfg.score_batch,), generator=g)
+    x, y = torch.randn(batch, in_ch, side, side, generator=g), torch.randint(0, k, (batch,), generator=g)
+    torch.manual_seed(cfg.seed); rt = gaussian_init(resnet_like(cfg.teacher_stages, in_ch, k, stem=_stem(cfg)))
+    t_out = model_outputs(rt, xs, ys, alpha=paper); rt.eval().requires_grad_(False)
+    def score(a): return diswot_metrics(model_outputs(build_init(space, a, cfg.seed, cfg.init), xs, ys, alpha=paper), t_out, cfg.score_form, cfg.score_terms)
+    score(archs[0])                                                        # warm-up, not timed
+    t_score, t_step = [], []
+    for a in archs:
+        t0 = time.perf_counter(); score(a); t_score.append(time.perf_counter() - t0)
+        s = space.build(a).train(); opt = torch.optim.SGD(s.parameters(), cfg.lr, momentum=cfg.momentum)
+        for i in range(steps + 1):                                         # step 0 warms up, not timed
+            if i == 1: t0 = time.perf_counter()
+            with torch.no_grad(): tb = rt(x)
+            z = s(x); loss = cfg.gamma * F.cross_entropy(z, y) + cfg.alpha * kd_kl(z, tb, cfg.T)
+            opt.zero_grad(); loss.backward(); opt.step()
+        t_step.append((time.perf_counter() - t0) / steps)
+    spe = math.ceil(n_train / cfg.batch_size); per_epoch = [t * cfg.batch_size / batch * spe for t in t_step]
+    ratios = sorted(e * paper_epochs / s_ for e, s_ in zip(per_epoch, t_score))
+    r = {"candidates": n_cands, "score_s": float(np.median(t_score)), "kd_step_s": float(np.median(t_step)), "batch": batch,
+         "kd_h_paper": float(np.median(per_epoch)) * paper_epochs / 3600, "kd_h_config": float(np.median(per_epoch)) * cfg.epochs / 3600,
+         "ratio_paper": float(np.median(ratios)), "ratio_range": (ratios[0], ratios[-1]),
+         "ratio_config": float(np.median([e * cfg.epochs / s_ for e, s_ in zip(per_epoch, t_score)]))}
+    r["search_h"] = cfg.evaluations * r["score_s"] / 3600; r["ratio_search"] = r["kd_h_paper"] / r["search_h"]
+    r["line"] = (f"D4 at full scale, CPU extrapolation ({torch.get_num_threads()} thread(s), {n_cands} candidates): score "
+                 f"{r['score_s']:.2f} s/candidate vs KD {r['kd_step_s']:.2f} s/step at batch {batch} -> {r['kd_h_paper']:.0f} h/candidate "
+                 f"for {paper_epochs} epochs of {spe} steps at batch {cfg.batch_size} (linear in batch): {r['ratio_paper']:,.0f}x per candidate "
+                 f"(range {ratios[0]:,.0f}-{ratios[-1]:,.0f}x; {r['ratio_config']:,.0f}x for the config's {cfg.epochs} epochs); the whole {cfg.evaluations}-evaluation search "
+                 f"({r['search_h']:.2f} h) vs KD-training one candidate: {r['ratio_search']:,.0f}x; paper: at least 180x")
+    return r

@@ -89,7 +89,7 @@ def hinton_full(cfg:HintonFullConfig, out:Path)->dict:
     acc.wait_for_everyone()
     summary = {"final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": acc.num_processes,
                "per_device_batch": batches.micro, "gradient_accumulation_steps": batches.accumulation,
-               "mixed_precision": str(acc.mixed_precision)}
+               "mixed_precision": str(acc.mixed_precision), "distributed_type": str(acc.distributed_type).split(".")[-1]}
     if acc.is_main_process:
         s = acc.unwrap_model(student)
         summary["train_acc"] = accuracy(s.cpu(), x, y); summary["teacher_train_acc"] = accuracy(teacher.cpu().float(), x, y)

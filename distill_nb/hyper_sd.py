@@ -17,11 +17,12 @@ __all__ = ['STEPS', 'MLP_LORA_TARGETS', 'T_MAXES', 'LORA_FILE', 'LORA_META', 'PA
            'digits_student', 'cached_student', 'h2_checks', 'h2_digits', 'tiny_unet', 'class_tokens', 'TokenCondUNet',
            'HyperSDPipeline', 'save_lora', 'load_lora', 'lora_round_trip', 'reward_classifier', 'class_reward',
            'stroke_contrast', 'Segmenter', 'fg_mask', 'digits_segmenter', 'FeedbackConfig', 'refl_x0',
-           'train_feedback_lora', 'UnifiedConfig', 'train_unified', 'h3_unified', 'h3_checks', 'RingDMDConfig',
-           'ring_one_step', 'h3_ring_dmd', 'sampling_speed', 'HyperSDFullConfig', 'check_base_model', 'HashTokenizer',
-           'tiny_sd', 'load_sd', 'encode_prompts', 'sd_pipeline', 'lora_load_check', 'ClipMLPReward', 'SegFeedback',
-           'load_reward_model', 'load_seg_model', 'UNetFeatureDisc', 'unet_mid_features', 'base_adv_grad',
-           'TableCondUNet', 'dmd_t_range', 'full_phases', 'hyper_sd_full', 'show_results']
+           'train_feedback_lora', 'UnifiedConfig', 'make_fake_score', 'train_unified', 'h3_unified', 'h3_checks',
+           'RingDMDConfig', 'ring_one_step', 'h3_ring_dmd', 'sampling_speed', 'HyperSDFullConfig', 'check_base_model',
+           'HashTokenizer', 'tiny_sd', 'load_sd', 'encode_prompts', 'sd_pipeline', 'lora_load_check', 'ClipMLPReward',
+           'SegFeedback', 'load_reward_model', 'load_seg_model', 'UNetFeatureDisc', 'unet_mid_features',
+           'base_adv_grad', 'TableCondUNet', 'dmd_t_range', 'lora_fake_score_memory', 'full_phases', 'hyper_sd_full',
+           'show_results']
 
 # %% ../nbs/50_hyper_sd.ipynb #ea9808ca
 import contextlib
@@ -34,7 +35,8 @@ from .core import Config, Checkpointer, fit, cached_tensors, seed_everything, sa
 from .diffusion import (alphas_cumprod, add_noise, eps_to_x0, psi, predict_eps, sample_ddim, ema_update,
     trailing_timesteps, matching_scheduler, make_scheduler, EpsMLP, ResEpsMLP, eight_gaussians, digits_images,
     train_eps_model, tensor_batches, step_generator, sliced_wasserstein, pixel_fd, classifier_fd,
-    train_feature_classifier, FeatureClassifier, FakeScoreTrainer, dmd_loss, one_step)
+    train_feature_classifier, FeatureClassifier, FakeScoreTrainer, LoRAFakeScoreTrainer, lora_score_model, train_memory,
+    trainable_fraction, dmd_loss, one_step)
 from .records import Record, experiment, benchmark, run_experiment, EXPERIMENTS
 from .diffusion import fake_score_loss, _draw_t_eps
 from .core import ConfigError, positive, nonneg, in_range
@@ -784,11 +786,18 @@ class UnifiedConfig(Config):
     guidance: float = 2.0
     fake_ratio: int = 5
     fake_lr: float = 1e-3
+    fake_score: Literal["full", "lora"] = "full"   # the DMD fake score: a full trainable copy of the teacher, or a LoRA on it
+    fake_rank: int = positive(8)                    # its LoRA rank (fake_score: lora)
     lam_mse: float = 0.5
     lam_feedback: float = 0.1
     bank: int = 1024
     bank_steps: int = 25
     seed: int = 0
+
+def make_fake_score(teacher:nn.Module, cfg, **kw)->FakeScoreTrainer:
+    "The DMD fake score `cfg.fake_score` asks for: a full trainable copy of `teacher` ('full') or a rank-`cfg.fake_rank` LoRA on it ('lora')."
+    if cfg.fake_score == "lora": return LoRAFakeScoreTrainer(teacher, rank=cfg.fake_rank, lr=cfg.fake_lr, ratio=cfg.fake_ratio, **kw)
+    return FakeScoreTrainer(teacher, lr=cfg.fake_lr, ratio=cfg.fake_ratio, **kw)
 
 def train_unified(model:CondEpsMLP, teacher:nn.Module, alpha_d:float, cfg:UnifiedConfig=UnifiedConfig(), adapter:str="unified")->dict:
     "DMD + MSE (+ feedback) one-step training of `adapter` at t* (Sec. 3.3)."
@@ -796,7 +805,7 @@ def train_unified(model:CondEpsMLP, teacher:nn.Module, alpha_d:float, cfg:Unifie
     g0 = torch.Generator().manual_seed(cfg.seed + 5)
     zb = torch.randn(cfg.bank, 1, 8, 8, generator=g0); yb = torch.arange(cfg.bank) % 10
     xb = sample_ddim(teacher, None, cfg.bank_steps, x=zb, cond=yb, guidance=cfg.guidance)
-    fake = FakeScoreTrainer(teacher, lr=cfg.fake_lr, ratio=cfg.fake_ratio)
+    fake = make_fake_score(teacher, cfg)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], cfg.lr)
     G = lambda z, y: one_step(model, z, cfg.t_star, y)
     def step(i):
@@ -910,6 +919,8 @@ class RingDMDConfig(Config):
     t_star: int = 999
     fake_ratio: int = 5
     fake_lr: float = 1e-3
+    fake_score: Literal["full", "lora"] = "full"   # as UnifiedConfig
+    fake_rank: int = positive(8)
     lam_mse: float = 0.5
     bank: int = 4096
     bank_steps: int = 50
@@ -919,7 +930,7 @@ def ring_one_step(student:nn.Module, teacher:nn.Module, cfg:RingDMDConfig=RingDM
     model = copy.deepcopy(student).train().requires_grad_(True)
     g0 = torch.Generator().manual_seed(seed + 5); zb = torch.randn(cfg.bank, 2, generator=g0)
     xb = sample_ddim(teacher, None, cfg.bank_steps, x=zb)
-    fake = FakeScoreTrainer(teacher, lr=cfg.fake_lr, ratio=cfg.fake_ratio)
+    fake = make_fake_score(teacher, cfg)
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     def step(i):
         g = step_generator(seed + 99, i); z = torch.randn(cfg.batch_size, 2, generator=g)
@@ -1011,6 +1022,8 @@ class HyperSDFullConfig(Config):
     dmd_lr: float = 1e-6
     fake_lr: float = 1e-5
     fake_ratio: int = positive(5)
+    fake_score: Literal["full", "lora"] = "full"   # the fake score: a float32 copy of the base UNet, or a LoRA on the frozen base
+    fake_rank: int = positive(64)                   # its LoRA rank (fake_score: lora; targets as the student's LoRA)
     t_star: int = in_range(0, 999, 999)  # one-step input timestep (unified LoRA: 999 [paper])
     lam_mse: float = 0.5
     mse_steps: int = 8            # the teacher ODE steps of the MSE target
@@ -1292,6 +1305,34 @@ def dmd_t_range(ac_model:Tensor, t_range:tuple=(20, 980))->tuple:
     if lo >= hi: raise ValueError(f"no project timestep in {t_range} has an ᾱ inside the base schedule's range")
     return lo, hi
 
+# %% ../nbs/50_hyper_sd.ipynb #bb59a1cf
+@benchmark("hyper_sd", "lora_fake_score_memory", "DMD fake score memory (parameters + gradients + Adam state), LoRA on the frozen base vs full copy, tiny SD-shaped UNets")
+def lora_fake_score_memory(rank:int=4,                        # LoRA rank of the fake score (tiny.yaml's lora_rank)
+                           archs:tuple=("sd15", "sdxl"),      # tiny_sd layouts
+                           real_rank:int|None=64,             # also count the real-size UNets' LoRA at this rank (meta device; None: skip)
+                          )->dict:
+    "Bytes each fake score adds after one update (LoRA vs full copy) on tiny_sd's UNet; the ratio LoRA / full."
+    out = {}
+    if real_rank:                 # real size, counted (nothing allocated): params, grads and Adam's two moments all scale with the count
+        from distill_nb.plan import SD15_UNET, SDXL_UNET
+        for arch, c in (("sd15", SD15_UNET), ("sdxl", SDXL_UNET)):
+            with torch.device("meta"): u = UNet2DConditionModel(**c); m = lora_score_model(u, real_rank, targets=_LORA_TARGETS)
+            n, l = sum(p.numel() for p in u.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad)
+            out[f"{arch}_real_size_counted"] = {"rank": real_rank, "unet_params": n, "lora_params": l, "full_GB": round(16 * n / 1e9, 1),
+                                                "lora_GB": round(16 * l / 1e9, 2), "ratio": round(l / n, 4)}
+    for arch in archs:
+        parts = tiny_sd(arch); unet, ac = parts["unet"].requires_grad_(False), parts["scheduler"].alphas_cumprod
+        cond = encode_prompts(parts, ["a red square", "a blue square"], arch, 16, "cpu"); unc = encode_prompts(parts, [""], arch, 16, "cpu")
+        x0, res = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0)), {}
+        for kind in ("full", "lora"):
+            base = TableCondUNet(unet, ac); kw = dict(lr=1e-4, ratio=1, t_range=dmd_t_range(ac))
+            fs = FakeScoreTrainer(base, **kw) if kind == "full" else LoRAFakeScoreTrainer(base, rank=rank, targets=_LORA_TARGETS, **kw)
+            fs.model.set_table(cond, unc); fs.step(x0, torch.Generator().manual_seed(1), torch.arange(2))
+            res[kind] = {**train_memory(fs.model, fs.opt, base), "trainable": sum(p.numel() for p in fs.model.parameters() if p.requires_grad)}
+        out[arch] = {"base_params": sum(p.numel() for p in unet.parameters()), "full": res["full"], "lora": res["lora"],
+                     "ratio": round(res["lora"]["total"] / res["full"]["total"], 4)}
+    return out
+
 # %% ../nbs/50_hyper_sd.ipynb #33ed1655
 def _synthetic_pairs(n:int, size:int, seed:int):
     "Coloured squares on grey with captions (smoke-test data)."
@@ -1378,14 +1419,15 @@ def _loaders(cfg:HyperSDFullConfig, acc)->tuple:
 
 # %% ../nbs/50_hyper_sd.ipynb #e40719f4
 def _add_adapters(r):
-    "The fake score (a float32 copy of the base UNet, DMD only), then the LoRAs `default`, `ema`, `feedback`, `merged` on the UNet."
+    "The fake score (DMD only: a float32 copy of the base UNet, or a LoRA on it), then the LoRAs `default`, `ema`, `feedback`, `merged` on the UNet."
     from peft import LoraConfig
     cfg, unet = r.cfg, r.unet
     r.fake = None
-    if r.D_it:
-        r.fake = FakeScoreTrainer(TableCondUNet(unet, r.ac.cpu()), lr=cfg.fake_lr, ratio=cfg.fake_ratio, t_range=dmd_t_range(r.ac.cpu()))
-        r.fake.model.to(r.dev)
+    fake = lambda: make_fake_score(TableCondUNet(unet, r.ac.cpu()), cfg, t_range=dmd_t_range(r.ac.cpu()),
+                                   **({"targets": _LORA_TARGETS} if cfg.fake_score == "lora" else {}))
+    if r.D_it and cfg.fake_score == "full": r.fake = fake(); r.fake.model.to(r.dev)
     with _diffusers_quiet(): unet.to(r.dev, r.wdt)    # the frozen base in the weight dtype
+    if r.D_it and cfg.fake_score == "lora": r.fake = fake(); r.fake.model.to(r.dev)   # shares the cast base's storage
     torch.manual_seed(cfg.seed)
     lora = lambda rank, **kw: LoraConfig(r=rank, lora_alpha=rank, target_modules=_LORA_TARGETS, **kw)
     unet.add_adapter(lora(cfg.lora_rank, init_lora_weights="gaussian"), "default"); unet.add_adapter(lora(cfg.lora_rank), "ema")
@@ -1417,8 +1459,9 @@ def _prepare(r):
         for p in ps: p.requires_grad_(True)                 # DDP registers the tensors that require grad when it wraps them
         r.ddp[name], r.opts[key] = acc.prepare(_Trained(ps), torch.optim.AdamW(ps, lr=lr, **kw))
     if r.fake is not None:
-        r.ddp["fake"], r.opts["fake_opt"] = acc.prepare(_Trained(list(r.fake.model.parameters())), r.fake.opt)
-        r.mods["fake"] = r.fake.model
+        ps = [p for p in r.fake.model.parameters() if p.requires_grad]       # every tensor (full) or the adapter (lora)
+        r.ddp["fake"], r.opts["fake_opt"] = acc.prepare(_Trained(ps), r.fake.opt)
+        r.mods["fake"] = r.fake.model if cfg.fake_score == "full" else _LoraView(r.fake.model)
     train_only(r.unet, "default")
     return r
 
@@ -1548,8 +1591,8 @@ def _fake_updates(r, ms:list):
     for _ in range(fake.ratio):
         for m in ms:
             fake.model.set_table(m.cond, m.unc); t, eps = _draw_t_eps(m.xg, fake.t_range, m.g)
-            with acc.accumulate(r.ddp["fake"]):
-                l = r.ddp["fake"](lambda: fake_score_loss(fake.model, m.xg, t, eps, m.rows))
+            with acc.accumulate(r.ddp["fake"]), (acc.autocast() if r.cfg.fake_score == "lora" else contextlib.nullcontext()):
+                l = r.ddp["fake"](lambda: fake_score_loss(fake.model, m.xg, t, eps, m.rows))   # a LoRA fake runs on the weight-dtype base
                 acc.backward(l); r.opts["fake_opt"].step(); r.opts["fake_opt"].zero_grad()
 
 # %% ../nbs/50_hyper_sd.ipynb #13cdfc4e
@@ -1607,7 +1650,7 @@ def hyper_sd_full(cfg:HyperSDFullConfig, out:Path)->dict:
                "per_device_batch": pairs.micro, "gradient_accumulation_steps": pairs.accumulation, "mixed_precision": str(acc.mixed_precision)}
     if acc.is_main_process:
         save_tensors(r.out/"lora.safetensors", _LoraView(r.unet).state_dict())
-        if r.fake is not None: save_tensors(r.out/"fake.safetensors", {k: v.contiguous() for k, v in r.fake.model.state_dict().items()})
+        if r.fake is not None: save_tensors(r.out/"fake.safetensors", {k: v.contiguous() for k, v in r.mods["fake"].state_dict().items()})
         (r.out/"summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -63,6 +63,12 @@ def make_accelerator(mixed_precision:str="no",       # "no", "bf16" (GPU or CPU)
     cpu = not torch.cuda.is_available()
     if cpu and mixed_precision == "fp16":    # checked before any process group is set up
         raise ConfigError("mixed_precision fp16 needs a GPU (its loss scaling is CUDA's); on CPU set mixed_precision to bf16 or no")
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").strip().lower() in ("1", "true", "yes"):
+            raise ConfigError(f"{name} is not supported by distill_nb's launchers yet (they write checkpoints and weights from the "
+                              f"main process alone, which cannot gather a sharded model); launch with DDP (an accelerate config "
+                              f"without {name}) and fit memory with gradient_accumulation_steps, a LoRA or gradient checkpointing "
+                              "(see `distill_nb plan`)")
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kw)
 
 # %% ../nbs/07_launch.ipynb #e9a1c002

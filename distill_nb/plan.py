@@ -237,7 +237,7 @@ def find_knob(ph, key, counts, line, mixed_precision, gpus, gpu_mem, fsdp, accum
                 peak = static + l[0] + l[1] * mb
                 if peak <= budget: break
             else: continue
-            names = {"ckpt": "gradient checkpointing", "lora": "a LoRA instead of the full copy", "fsdp": f"FSDP over {gpus} GPUs"}
+            names = {"ckpt": "gradient checkpointing", "lora": "a LoRA instead of the full copy", "fsdp": f"FSDP over {gpus} GPUs (an estimate: the launchers refuse FSDP until its sharded save is tested)"}
             parts = [names[o] for o in combo] + ([f"accumulation x{a * accum} (micro-batch {mb})"] if a > 1 else [])
             cand = (len(parts), " + ".join(parts) + f" -> {peak / GiB:.1f} GiB")
             if best is None or cand[0] < best[0]: best = cand
@@ -389,6 +389,9 @@ def diswot_phases(cfg)->list[Phase]:
         note = ""
     out.append(Phase("KD of the winner", lambda: {"teacher": _frozen(teacher()), "student": space.build(arch)}, "sgd-momentum",
                      cfg.batch_size, acts=[Act(s_step, batches=(2, 4))], note=f"student: the space's largest member {arch} (upper bound); teacher {note or 'in-repo'}"))
+    if cfg.plan_speed:   # D4 at full scale: one score vs KD training per candidate, timed on this CPU and extrapolated
+        from distill_nb.diswot import full_speedup
+        out[-1].note += "; " + full_speedup(cfg)["line"]
     return out
 
 # %% ../nbs/07b_plan.ipynb #b7p00025
@@ -544,9 +547,19 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
         def fake(): return unet(ckpt=cfg.gradient_checkpointing).requires_grad_(True)
         def fake_lora(): return {**base("merged"), "fake": (lambda u: [q.requires_grad_(".fake." in n) for n, q in u.named_parameters()] and u)(unet([("fake", 64)]))}
         fk = lambda: {"unet": fake()}
-        out.append(Phase("DMD", lambda: {**base("merged"), "fake": fake()}, "adamw", B,
-                         acts=[Act(unet_step, scale, lora_unet(), key="unet-lora-advFalse", cast_all=True), Act(fake_step, scale, fk, cast_all=True)], checkpointing=cfg.gradient_checkpointing,
-                         lora=fake_lora, note=note + "; the fake score is a full fp32 copy of the UNet (Adam)"))
+        if getattr(cfg, "fake_score", "full") == "lora":   # the launcher's LoRA fake score shares the base UNet's weights
+            fr = cfg.fake_rank
+            def dmd_lora():
+                u = unet(adapters + [("fake", fr)])
+                for n, q in u.named_parameters(): q.requires_grad_(".merged." in n or ".fake." in n)
+                return {**base("merged"), "unet": u}
+            out.append(Phase("DMD", dmd_lora, "adamw", B, acts=[Act(unet_step, scale, lora_unet(), key="unet-lora-advFalse", cast_all=True)] * 2,
+                             checkpointing=cfg.gradient_checkpointing,
+                             note=note + f"; the fake score is a rank-{fr} LoRA on the frozen base UNet (fake_score: lora), sharing its weights"))
+        else:
+            out.append(Phase("DMD", lambda: {**base("merged"), "fake": fake()}, "adamw", B,
+                             acts=[Act(unet_step, scale, lora_unet(), key="unet-lora-advFalse", cast_all=True), Act(fake_step, scale, fk, cast_all=True)], checkpointing=cfg.gradient_checkpointing,
+                             lora=fake_lora, note=note + "; the fake score is a full fp32 copy of the UNet (Adam)"))
     return out
 
 # %% ../nbs/07b_plan.ipynb #b7p00028
@@ -565,6 +578,7 @@ def plan(paper:str, config:str|Path, gpus:int=8, gpu_mem:float=80, fsdp:bool=Fal
     cfg = load_config(paper, config)
     acc = accum or getattr(cfg, "gradient_accumulation_steps", 1) or 1
     key = f"{paper}|{json.dumps(cfg.to_dict(), sort_keys=True, default=str)}"
+    if not measure and getattr(cfg, "plan_speed", False): cfg = dataclasses.replace(cfg, plan_speed=False)   # timing is a measurement
     return [plan_phase(ph, key, getattr(cfg, "mixed_precision", "no"), gpus, gpu_mem, fsdp, acc, measure, cache)
             for ph in PLANNERS[paper](cfg)]
 

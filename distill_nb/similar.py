@@ -3,27 +3,29 @@
 # %% ../nbs/30_distill_similar.ipynb #39687613
 """Rank source models by task similarity from a few target labels, then distil the nearest one (or all of them, weighted) into a small target model"""
 from __future__ import annotations
-import dataclasses, functools, json, math, os, time, hashlib
+import dataclasses, functools, json, math, os, shutil, sys, time, hashlib
 from pathlib import Path
 from typing import Literal, Sequence
 
 # %% auto #0
-__all__ = ['SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS', 'SCALES', 'ARM_NAMES', 'check_target', 'TargetTask',
-           'make_target', 'SmallCNN', 'Source', 'SourceConfig', 'train_source', 'mnist_source', 'get_source',
-           'sources_for', 'SourceFeatures', 'source_features', 'knn_loo', 'ncc_loo', 'logme_evidence', 'logme', 'leep',
-           'nce', 'emd', 'domain_similarity', 'similarity', 'Probe', 'linear_probe', 'probe_teacher', 'source_weights',
-           'TargetNet', 'augment', 'StudentConfig', 'train_student', 'recalibrate_bn', 'InitConfig', 'strong_init',
-           'GridConfig', 'choose_temperature', 'run_cell', 'run_grid', 'nearest_acc', 'random_acc', 'arm_table',
-           'within_target_test', 'correlation_table', 'similarity_figure', 'c1_similarity', 'arms_figure',
+__all__ = ['SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS', 'SCALES', 'ARM_NAMES', 'SMALL_CNNS', 'check_target',
+           'TargetTask', 'make_target', 'SmallCNN', 'Source', 'SourceConfig', 'train_source', 'mnist_source',
+           'get_source', 'sources_for', 'SourceFeatures', 'source_features', 'knn_loo', 'ncc_loo', 'logme_evidence',
+           'logme', 'leep', 'nce', 'emd', 'domain_similarity', 'similarity', 'Probe', 'linear_probe', 'probe_teacher',
+           'source_weights', 'TargetNet', 'augment', 'StudentConfig', 'recalibrate_bn', 'train_student', 'InitConfig',
+           'strong_init', 'GridConfig', 'weight_entropy', 'mixture_accuracy', 'select_temperature',
+           'choose_temperature', 'mask_rate_summary', 'run_cell', 'run_grid', 'nearest_acc', 'random_acc', 'arm_table',
+           'within_target_test', 'correlation_table', 'c1_checks', 'similarity_figure', 'c1_similarity', 'arms_figure',
            'c2_weighted', 'score_vs_distill_benchmark', 'SourceSpec', 'SimilarFullConfig', 'TimmSource', 'build_source',
-           'make_toy_image_folder', 'cached_source_features', 'pre_logits_dim', 'similar_full']
+           'check_source_files', 'make_toy_image_folder', 'cached_source_features', 'pre_logits_dim', 'similar_full',
+           'FinetuneConfig', 'init_from_pretrained', 'finetune_source', 'finetune_sources', 'finetune_cli']
 
 # %% ../nbs/30_distill_similar.ipynb #4b48a141
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
+from .core import (Config, ConfigError, Domain, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
                              load_tensors, progress, config_hash, accuracy, count_params)
 from .data import image_domain, few_shot_split, load_mnist_cnn, DataMissingError, image_folder
 from .kd import soft_kl, hard_ce
@@ -53,6 +55,7 @@ def check_target(y_lab:Tensor,         # labels of the labeled set
         raise ValueError("the unlabeled pool is empty: distillation needs unlabeled target images; "
                          "add unlabeled images (or lower n_per_class so some training images stay unlabeled)")
 
+# %% ../nbs/30_distill_similar.ipynb #a1c4e701
 @dataclasses.dataclass
 class TargetTask:
     "A few-label target task: labeled, unlabeled (labels kept only for diagnostics) and test images."
@@ -103,6 +106,7 @@ class Source:
     def features(self, x:Tensor, batch_size:int=1000)->Tensor:
         return torch.cat([self.model.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
+# %% ../nbs/30_distill_similar.ipynb #b2d5f802
 @dataclasses.dataclass
 class SourceConfig(Config):
     domain: str = "fashion"
@@ -132,6 +136,7 @@ def train_source(cfg:SourceConfig=SourceConfig())->Source:
     means = sd.pop("class_means"); m = SmallCNN(len(means)); m.load_state_dict(sd)
     return Source(cfg.domain, cfg.domain, m.eval().requires_grad_(False), means)
 
+# %% ../nbs/30_distill_similar.ipynb #c3e6a903
 def mnist_source()->Source:
     "The real pretrained MNIST CNN as a source (class means on OpenCV digits, its stand-in domain)."
     m = load_mnist_cnn().requires_grad_(False)
@@ -403,12 +408,48 @@ def _distill_term(out:Tensor, feats:Tensor|None, targets:list, w:Tensor, idx:Ten
     if mix == "sum": return lam * sum(w[s] * soft_kl(out, targets[s][idx], T=tau) for s in range(len(targets)) if w[s] > 0)
     raise ValueError(f"unknown mix {mix!r}; valid: 'mixture' (target = sum_s w_s p_s) or 'sum' (sum_s w_s KL(p_s || .))")
 
+def _distill_setup(net:TargetNet, task:TargetTask, targets:list|None, weights, teacher:str)->tuple[list, Tensor, nn.ModuleList]:
+    "Checked teacher targets, source weights and (feature reading) the per-source projections."
+    if not targets: raise ValueError("method 'distill' needs targets= (one teacher output per source on task.x_unl)")
+    for tg in targets:
+        if len(tg) != len(task.x_unl): raise ValueError(f"a teacher target has {len(tg)} rows but the unlabeled pool has {len(task.x_unl)}")
+    w = torch.as_tensor(np.asarray(weights if weights is not None else [1 / len(targets)] * len(targets), dtype=np.float32))
+    if len(w) != len(targets): raise ValueError(f"{len(w)} weights for {len(targets)} sources")
+    if teacher == "feature":
+        tgts = [(tg - tg.mean(0)) / tg.std(0).clamp_min(1e-6) for tg in targets]
+        return tgts, w, nn.ModuleList(nn.Linear(net.feat_dim, tg.shape[1]) for tg in targets)
+    if teacher == "probe":
+        if any(tg.shape[1] != task.n_classes for tg in targets): raise ValueError(f"probe teachers must give {task.n_classes} target-class probabilities")
+        return list(targets), w, nn.ModuleList()
+    raise ValueError(f"unknown teacher {teacher!r}; valid: 'probe' (linear-probe pseudo-labels) or 'feature' (feature distillation)")
+
+# %% ../nbs/30_distill_similar.ipynb #e5a8cb05
+def recalibrate_bn(net:nn.Module, x:Tensor, batch_size:int=500)->nn.Module:
+    "Re-estimate the batch-norm statistics with the final weights (a short run's running averages are stale)."
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns: m.reset_running_stats(); m.momentum = None      # cumulative average over the pass
+    net.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size): net(x[i:i + batch_size])
+    for m in bns: m.momentum = 0.1
+    return net.eval()
+
+def _fixmatch_term(net:nn.Module, xu:Tensor, g:torch.Generator, cfg:StudentConfig, history:dict|None)->Tensor:
+    "FixMatch's unlabeled term on one batch; logs the mask rate (share of pseudo-labels above `tau_c`) in `history`."
+    with torch.no_grad(): q = F.softmax(net(augment(xu, "weak", g)), 1)
+    conf, pl = q.max(1); mask = conf >= cfg.tau_c
+    if history is not None: history.setdefault("mask_rate", []).append(float(mask.float().mean()))
+    ce = F.cross_entropy(net(augment(xu, "strong", g)), pl, reduction="none")
+    return cfg.lambda_u * (ce * mask).mean()
+
+# %% ../nbs/30_distill_similar.ipynb #d4f7ba04
 def train_student(task:TargetTask, cfg:StudentConfig, seed:int, method:Method="scratch",
                   targets:list[Tensor]|None=None,  # distill: per-source probabilities (or features) on task.x_unl
                   weights:Sequence[float]|None=None, # distill: source weights (default uniform)
                   mix:Literal["mixture", "sum"]="mixture",
                   teacher:Literal["probe", "feature"]="probe",
                   init:dict|None=None,             # transfer: body weights to start from
+                  history:dict|None=None,          # filled with the per-step 'loss' (and FixMatch's 'mask_rate')
                  )->TargetNet:
     "Train the target network with one arm on `task` (same batches and augmentation draws for every arm of a seed)."
     check_target(task.y_lab, task.n_classes, len(task.x_unl) if method in ("fixmatch", "distill") else None, task.classes)
@@ -418,19 +459,7 @@ def train_student(task:TargetTask, cfg:StudentConfig, seed:int, method:Method="s
         net.body.load_state_dict(init)
     elif init is not None: raise ValueError(f"init is only used by method 'transfer', not {method!r}")
     proj, tgts, w = nn.ModuleList(), None, None
-    if method == "distill":
-        if not targets: raise ValueError("method 'distill' needs targets= (one teacher output per source on task.x_unl)")
-        for tg in targets:
-            if len(tg) != len(task.x_unl): raise ValueError(f"a teacher target has {len(tg)} rows but the unlabeled pool has {len(task.x_unl)}")
-        w = torch.as_tensor(np.asarray(weights if weights is not None else [1 / len(targets)] * len(targets), dtype=np.float32))
-        if len(w) != len(targets): raise ValueError(f"{len(w)} weights for {len(targets)} sources")
-        if teacher == "feature":
-            tgts = [(tg - tg.mean(0)) / tg.std(0).clamp_min(1e-6) for tg in targets]
-            proj = nn.ModuleList(nn.Linear(net.feat_dim, tg.shape[1]) for tg in targets)
-        elif teacher == "probe":
-            tgts = list(targets)
-            if any(tg.shape[1] != task.n_classes for tg in tgts): raise ValueError(f"probe teachers must give {task.n_classes} target-class probabilities")
-        else: raise ValueError(f"unknown teacher {teacher!r}; valid: 'probe' (linear-probe pseudo-labels) or 'feature' (feature distillation)")
+    if method == "distill": tgts, w, proj = _distill_setup(net, task, targets, weights, teacher)
     elif targets is not None: raise ValueError(f"targets= is only used by method 'distill', not {method!r}")
     opt = torch.optim.Adam([*net.parameters(), *proj.parameters()], cfg.lr)
     g = torch.Generator().manual_seed(seed + 12345); n_l, n_u = len(task.y_lab), len(task.x_unl)
@@ -443,24 +472,11 @@ def train_student(task:TargetTask, cfg:StudentConfig, seed:int, method:Method="s
             ui = step_batch(n_u, cfg.batch_size, i, seed + 1); f = net.features(augment(task.x_unl[ui], "weak", g))
             loss = loss + _distill_term(net.head(f), f, tgts, w, ui, mix, teacher, proj, cfg.lam, cfg.tau)
         elif method == "fixmatch":
-            ui = step_batch(n_u, cfg.mu * lb, i, seed + 1); xu = task.x_unl[ui]
-            with torch.no_grad(): q = F.softmax(net(augment(xu, "weak", g)), 1)
-            conf, pl = q.max(1)
-            ce = F.cross_entropy(net(augment(xu, "strong", g)), pl, reduction="none")
-            loss = loss + cfg.lambda_u * (ce * (conf >= cfg.tau_c)).mean()
+            ui = step_batch(n_u, cfg.mu * lb, i, seed + 1); loss = loss + _fixmatch_term(net, task.x_unl[ui], g, cfg, history)
         opt.zero_grad(); loss.backward(); opt.step(); return loss
-    fit(step, cfg.steps)
+    res = fit(step, cfg.steps)
+    if history is not None: history["loss"] = res["losses"]
     return recalibrate_bn(net, torch.cat([task.x_lab, task.x_unl[:2000]]))
-
-def recalibrate_bn(net:nn.Module, x:Tensor, batch_size:int=500)->nn.Module:
-    "Re-estimate the batch-norm statistics with the final weights (a short run's running averages are stale)."
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns: m.reset_running_stats(); m.momentum = None      # cumulative average over the pass
-    net.train()
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size): net(x[i:i + batch_size])
-    for m in bns: m.momentum = 0.1
-    return net.eval()
 
 # %% ../nbs/30_distill_similar.ipynb #a44007e5
 @dataclasses.dataclass
@@ -504,32 +520,77 @@ class GridConfig(Config):
     metrics: list[str] = dataclasses.field(default_factory=lambda: list(METRICS))
     weight_metric: str = "knn"       # drives DistillNearest's headline and DistillWeighted's weights
     val_target: str = "textures"     # where T is chosen
-    T_grid: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    # four decades, half a decade apart: from top-1 (T -> 0) to uniform (T -> inf) for similarities in [0, 1]
+    T_grid: list[float] = dataclasses.field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
+    T_folds: int = 2                 # nested validation: outer folds of the validation target's held-out images
     init_steps: int = 300            # strong-init pre-training steps
     arms: list[str] = dataclasses.field(default_factory=lambda: ["scratch", "transfer", "fixmatch", "all", "weighted"])
 
 SCALES = {"quick": GridConfig(),
-          "ci": GridConfig(targets=["sklearn_digits"], n_unlabeled=800, n_test=400, steps=20, T_grid=[0.03, 0.3],
+          "ci": GridConfig(targets=["sklearn_digits"], n_unlabeled=800, n_test=400, steps=20, T_grid=[0.001, 0.01, 0.1, 1.0, 10.0],
                          arms=["scratch", "transfer", "fixmatch", "weighted"])}
 
+# %% ../nbs/30_distill_similar.ipynb #a7cade07
+def weight_entropy(w)->float:
+    "Shannon entropy (nats) of source weights: 0 for a single source, log S for uniform weights over S sources."
+    w = np.asarray(w, dtype=float); w = w[w > 0]; return float(-(w * np.log(w)).sum())
+
+def mixture_accuracy(sims:Sequence[float], probs:Tensor, y:Tensor, T:float)->float:
+    "Accuracy on labels `y` of the softmax(sims / T)-weighted mixture of the teachers' probabilities `probs` (S, N, C)."
+    w = source_weights(sims, "softmax", T)
+    return float(((w[:, None, None] * probs).sum(0).argmax(1) == y).float().mean())
+
+def select_temperature(sims:list,              # per validation seed: the (S,) similarities
+                       probs:list,             # per seed: the teachers' probabilities on the held-out images, (S, N, C)
+                       ys:list,                # per seed: the held-out labels, (N,)
+                       grid:Sequence[float],   # candidate temperatures
+                       n_folds:int=2,          # outer folds of the nested validation
+                       seed:int=0)->dict:
+    "T maximising the mixture teacher's held-out accuracy (mean over seeds, ties to the larger T), with a nested check."
+    grid = sorted(float(T) for T in grid)
+    if len(grid) < 2 or grid[0] <= 0: raise ValueError(f"select_temperature: need at least 2 temperatures, all > 0; got {grid}")
+    def scores(parts):
+        return {T: float(np.mean([mixture_accuracy(s, p[:, i], y[i], T) for s, p, y, i in zip(sims, probs, ys, parts)])) for T in grid}
+    best = lambda sc: max(grid, key=lambda T: (round(sc[T], 6), T))
+    full = scores([torch.arange(len(y)) for y in ys]); T = best(full)
+    rng = np.random.default_rng(seed); folds = [np.array_split(rng.permutation(len(y)), n_folds) for y in ys]
+    nested = []
+    for k in range(n_folds):
+        inner = scores([torch.as_tensor(np.concatenate([f[j] for j in range(n_folds) if j != k])) for f in folds])
+        outer = scores([torch.as_tensor(f[k]) for f in folds]); Tk = best(inner)
+        nested.append({"T": Tk, "inner_acc": inner[Tk], "outer_acc": outer[Tk], "outer_best_acc": max(outer.values())})
+    return {"T": T, "scores": full, "interior": bool(grid[0] < T < grid[-1]), "nested": nested,
+            "nested_acc": float(np.mean([r["outer_acc"] for r in nested])),
+            "weights_entropy": [weight_entropy(source_weights(s, "softmax", T)) for s in sims],
+            "max_entropy": [math.log(len(s)) for s in sims]}
+
+# %% ../nbs/30_distill_similar.ipynb #c9ec0f09
 def _sources_on(task:TargetTask)->tuple[list[str], dict]:
     names = sources_for(task.name)
     return names, {s: source_features(get_source(s), task).check(get_source(s)) for s in names}
 
-def choose_temperature(cfg:GridConfig)->tuple[float, dict]:
-    "The softmax temperature maximising the mixture teacher's held-out accuracy on the validation target (mean over seeds)."
-    score = {T: [] for T in cfg.T_grid}
+_TEMPS: dict = {}
+def choose_temperature(cfg:GridConfig)->dict:
+    "`select_temperature` on the validation target's seeds (no test target is used): the chosen T, its scores and checks (memoised)."
+    key = config_hash(cfg.to_dict())
+    if key not in _TEMPS: _TEMPS[key] = _choose_temperature(cfg)
+    return _TEMPS[key]
+
+def _choose_temperature(cfg:GridConfig)->dict:
+    sims, probs, ys = [], [], []
     for seed in cfg.seeds:
         task = make_target(cfg.val_target, LABELS_PER_CLASS.get(cfg.val_target, 5), seed, cfg.n_unlabeled, cfg.n_test)
         names, sfs = _sources_on(task)
-        sims = [similarity(cfg.weight_metric, sfs[s], task.y_lab, task.n_classes, get_source(s).class_means) for s in names]
-        probs = torch.stack([probe_teacher(sfs[s], task.y_lab, task.n_classes)["test"] for s in names])
-        for T in cfg.T_grid:
-            w = source_weights(sims, "softmax", T)
-            score[T].append(float(((w[:, None, None] * probs).sum(0).argmax(1) == task.y_test).float().mean()))
-    mean = {T: float(np.mean(v)) for T, v in score.items()}
-    return max(cfg.T_grid, key=lambda T: (round(mean[T], 6), T)), mean
+        sims.append([similarity(cfg.weight_metric, sfs[s], task.y_lab, task.n_classes, get_source(s).class_means) for s in names])
+        probs.append(torch.stack([probe_teacher(sfs[s], task.y_lab, task.n_classes)["test"] for s in names])); ys.append(task.y_test)
+    return select_temperature(sims, probs, ys, cfg.T_grid, cfg.T_folds)
 
+def mask_rate_summary(rates:Sequence[float])->dict:
+    "FixMatch's mask rate over a run: the mean over the middle fifth of the steps ('mid'), the last fifth and all steps."
+    r = np.asarray(rates, dtype=float); n = len(r); k = max(1, n // 5); a = max(0, n // 2 - k // 2)
+    return {"mid": float(r[a:a + k].mean()), "last": float(r[-k:].mean()), "mean": float(r.mean())}
+
+# %% ../nbs/30_distill_similar.ipynb #dafd1a0a
 def run_cell(target:str, seed:int, cfg:GridConfig, T:float)->dict:
     "All arms of one (target, seed): similarities, teachers' accuracies and the students' test accuracies."
     task = make_target(target, LABELS_PER_CLASS.get(target, 5), seed, cfg.n_unlabeled, cfg.n_test)
@@ -541,10 +602,12 @@ def run_cell(target:str, seed:int, cfg:GridConfig, T:float)->dict:
            "teacher_acc": [float((t_["test"].argmax(1) == task.y_test).float().mean()) for t_ in tch],
            "single": [ev(train_student(task, st, seed, "distill", [t_["unl"]])) for t_ in tch], "arms": {}}
     w = source_weights(sims[cfg.weight_metric], "softmax", T); unl = [t_["unl"] for t_ in tch]; out["weights"] = w.tolist()
+    out["weights_entropy"] = weight_entropy(w)
     for arm in cfg.arms:
+        hist = {}
         if arm == "scratch": net = train_student(task, st, seed)
         elif arm == "transfer": net = train_student(task, st, seed, "transfer", init=strong_init(InitConfig(target=target, steps=cfg.init_steps)))
-        elif arm == "fixmatch": net = train_student(task, st, seed, "fixmatch")
+        elif arm == "fixmatch": net = train_student(task, st, seed, "fixmatch", history=hist); out["fixmatch_mask_rate"] = hist["mask_rate"]
         elif arm == "all": net = train_student(task, st, seed, "distill", unl, source_weights(sims[cfg.weight_metric], "uniform"))
         elif arm == "weighted": net = train_student(task, st, seed, "distill", unl, w)
         elif arm == "weighted_sum": net = train_student(task, st, seed, "distill", unl, w, mix="sum")
@@ -557,9 +620,9 @@ def run_grid(cfg:GridConfig)->dict:
     "The whole grid (memoised per config, so both claims read the same runs)."
     key = config_hash(cfg.to_dict())
     if key not in _GRIDS:
-        T, T_scores = choose_temperature(cfg)
-        cells = [run_cell(tg, sd, cfg, T) for tg in cfg.targets for sd in progress(cfg.seeds, desc=tg)]
-        _GRIDS[key] = {"T": T, "T_scores": T_scores, "cells": cells, "config": cfg.to_dict()}
+        sel = choose_temperature(cfg)
+        cells = [run_cell(tg, sd, cfg, sel["T"]) for tg in cfg.targets for sd in progress(cfg.seeds, desc=tg)]
+        _GRIDS[key] = {"T": sel["T"], "T_scores": sel["scores"], "T_selection": sel, "cells": cells, "config": cfg.to_dict()}
     return _GRIDS[key]
 
 # %% ../nbs/30_distill_similar.ipynb #592ac6e9
@@ -597,6 +660,7 @@ def within_target_test(grid:dict, metric:str, n_perm:int=1000, seed:int=0)->tupl
     null = np.array([np.mean([rho(x, rankdata(rng.permutation(y))) for x, y in groups]) for _ in range(n_perm)])
     return obs, float((np.sum(null >= obs - 1e-12) + 1) / (n_perm + 1))
 
+# %% ../nbs/30_distill_similar.ipynb #fcbf3c0c
 def correlation_table(grid:dict, n_perm:int=1000)->list[dict]:
     "Per metric: pooled Spearman with its one-sided permutation p, mean within-target Spearman, DistillNearest's gain over DistillRandom."
     rows = []
@@ -607,6 +671,12 @@ def correlation_table(grid:dict, n_perm:int=1000)->list[dict]:
         rows.append({"metric": m, "pooled_spearman": r, "perm_p": p, "within_target_spearman": rw, "within_target_p": pw,
                      "nearest_minus_random_pts": 100 * float(np.mean(gains))})
     return rows
+
+def c1_checks(row:dict)->dict:
+    "C1's two pre-registered checks from one row of `correlation_table`."
+    m = row["metric"]
+    return {f"C1a: pooled Spearman({m}, accuracy) > 0 with permutation p < 0.05": bool(row["pooled_spearman"] > 0 and row["perm_p"] < 0.05),
+            f"C1b: mean over targets of DistillNearest_{m} - DistillRandom > 0": bool(row["nearest_minus_random_pts"] > 0)}
 
 def similarity_figure(grid:dict, metric:str="knn"):
     "Similarity vs post-distillation accuracy, one panel per target, one point per (source, seed)."
@@ -621,6 +691,7 @@ def similarity_figure(grid:dict, metric:str="knn"):
     axs[0][0].set_ylabel("single-source distillation acc (%)"); fig.tight_layout(); plt.close(fig)
     return fig
 
+# %% ../nbs/30_distill_similar.ipynb #adc04d0d
 @experiment("similar", "c1_similarity", "C1: task similarity (kNN LOO) rank-correlates with post-distillation accuracy; DistillNearest > DistillRandom")
 def c1_similarity(scale:str="quick", seeds:list[int]|None=None)->Record:
     "C1 on the quick-scale grid: Spearman(similarity, accuracy) per metric and DistillNearest vs DistillRandom."
@@ -630,13 +701,12 @@ def c1_similarity(scale:str="quick", seeds:list[int]|None=None)->Record:
     x, y = _pooled(grid, cfg.weight_metric)
     ctrl_rand = spearman(np.random.default_rng(123).normal(size=len(x)), y, n_perm=1000, seed=0, alternative="greater")
     ctrl_flip = spearman([-v for v in x], y, n_perm=1000, seed=0, alternative="greater")
-    m = {"correlations": rows, "n_points": len(x), "T": grid["T"], "T_scores": grid["T_scores"],
+    m = {"correlations": rows, "n_points": len(x), "T": grid["T"], "T_scores": grid["T_scores"], "T_selection": grid["T_selection"],
          "control_random_metric": {"r": ctrl_rand.r, "p": ctrl_rand.p}, "control_sign_flipped": {"r": ctrl_flip.r, "p": ctrl_flip.p},
          "per_target": {t_: {"nearest": [nearest_acc(c, cfg.weight_metric) for c in grid["cells"] if c["target"] == t_],
                              "random": [random_acc(c) for c in grid["cells"] if c["target"] == t_]} for t_ in cfg.targets},
          "cells": grid["cells"]}
-    checks = {f"C1a: pooled Spearman({cfg.weight_metric}, accuracy) > 0 with permutation p < 0.05": bool(k["pooled_spearman"] > 0 and k["perm_p"] < 0.05),
-              f"C1b: mean over targets of DistillNearest_{cfg.weight_metric} - DistillRandom > 0": bool(k["nearest_minus_random_pts"] > 0)}
+    checks = c1_checks(k)
     table = [{"metric": r["metric"], "pooled Spearman": f"{r['pooled_spearman']:+.2f}", "perm p (one-sided)": f"{r['perm_p']:.3f}",
               "within-target Spearman": f"{r['within_target_spearman']:+.2f}", "within-target p": f"{r['within_target_p']:.3f}", "Nearest - Random (pts)": f"{r['nearest_minus_random_pts']:+.1f}"} for r in rows]
     return Record("similar", "c1_similarity",
@@ -666,6 +736,7 @@ def arms_figure(tab:dict, targets:list):
     ax.legend(fontsize=7, ncol=2); fig.tight_layout(); plt.close(fig)
     return fig
 
+# %% ../nbs/30_distill_similar.ipynb #cfe26f0f
 @experiment("similar", "c2_weighted", "C2: DistillWeighted beats strong-init transfer and FixMatch on average over targets")
 def c2_weighted(scale:str="quick", seeds:list[int]|None=None)->Record:
     "C2 on the quick-scale grid: the average gaps of DistillWeighted over the baselines, next to the paper's."
@@ -678,7 +749,9 @@ def c2_weighted(scale:str="quick", seeds:list[int]|None=None)->Record:
     pd = {a: paired_diff(pairs("weighted"), pairs(a)) for a in ("transfer", "fixmatch", "nearest", "scratch") if a in tab and len(pairs(a)) >= 2}
     m = {"mean_acc": avg, "per_target": tab, "gap_vs_transfer_pts": gap("transfer"), "gap_vs_fixmatch_pts": gap("fixmatch"),
          "gap_vs_nearest_pts": gap("nearest"), "gap_vs_scratch_pts": gap("scratch"), "T": grid["T"],
-         "paired": {a: dataclasses.asdict(v) for a, v in pd.items()}}
+         "paired": {a: dataclasses.asdict(v) for a, v in pd.items()}, "T_selection": grid["T_selection"],
+         "weights_entropy": {t_: [c["weights_entropy"] for c in grid["cells"] if c["target"] == t_] for t_ in tg},
+         "fixmatch_mask_rate": {t_: [mask_rate_summary(c["fixmatch_mask_rate"]) for c in grid["cells"] if c["target"] == t_ and "fixmatch_mask_rate" in c] for t_ in tg}}
     checks = {"C2: DistillWeighted > strong-init transfer (mean over targets)": bool(gap("transfer") > 0),
               "C2: DistillWeighted > FixMatch (mean over targets)": bool(gap("fixmatch") > 0)}
     table = [{"arm": ARM_NAMES[a], **{t_: mean_std([100 * v for v in tab[a][t_]], ".1f") for t_ in tg}, "mean over targets": f"{100 * avg[a]:.1f}"}
@@ -710,16 +783,25 @@ def score_vs_distill_benchmark(target:str="sklearn_digits", steps:int=70, n_unla
             "distill_over_score": round(t_dist / t_score, 1)}
 
 # %% ../nbs/30_distill_similar.ipynb #3dff8dc2
+def _no_hub(v)->bool: return v is not True
+
 @dataclasses.dataclass
 class SourceSpec(Config):
     name: str = "src"
     arch: str = "small_cnn"          # small_cnn | small_cnn_wide | a timm model name (e.g. resnet18, resnet50)
-    weights: str = ""                # a .safetensors or .pth state dict; '' with pretrained=True: timm's own weights
-    pretrained: bool = False         # timm: load timm's pretrained weights (its cache / hub)
+    weights: str = ""                # the source's own weights (.safetensors or .pth state dict), e.g. from scripts/finetune_sources.py
+    # a local file of generic pretrained weights: used as they are when `weights` is empty, and the starting point of
+    # scripts/finetune_sources.py. Nothing is downloaded: `true` (timm's hub) is refused.
+    pretrained: str|bool = dataclasses.field(default="", metadata={"domain": Domain(_no_hub, "a local weights file",
+        "nothing is downloaded here: save the model's pretrained state dict (timm's layout, .safetensors or .pth) and set pretrained to its path")})
     num_classes: int = 1000          # the source's own label count (its head)
-    train_dir: str = ""              # small_cnn*: train once on <train_dir>/<class>/* when no weights are given
+    train_dir: str = ""              # <train_dir>/<class>/*: small_cnn* train on it once when no weights are given; scripts/finetune_sources.py fine-tunes on it
     train_steps: int = 200
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pretrained is False: self.pretrained = ""
 
+# %% ../nbs/30_distill_similar.ipynb #e1048111
 @dataclasses.dataclass
 class SimilarFullConfig(Config):
     data_root: str = ""              # folder holding <target>/{train,test}/<class>/ (default: $DISTILL_NB_FULL_DATA)
@@ -748,6 +830,7 @@ class SimilarFullConfig(Config):
     keep: int = 3
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
+# %% ../nbs/30_distill_similar.ipynb #f2159212
 def _timm(what:str):
     try: import timm
     except ImportError:
@@ -766,6 +849,14 @@ class TimmSource(nn.Module):
     def features(self, x:Tensor)->Tensor: return self.m.forward_head(self.m.forward_features((x - self.mean) / self.std), pre_logits=True)
     def forward(self, x:Tensor)->Tensor: return self.head(self.features(x))
 
+SMALL_CNNS = {"small_cnn": ((16, 32, 64), 128), "small_cnn_wide": ((32, 64, 128), 256)}
+
+def _source_model(spec:SourceSpec)->tuple[nn.Module, nn.Module]:
+    "A source's classifier with fresh weights: (the model called on [0, 1] images, the module whose state dict is its file)."
+    if spec.arch in SMALL_CNNS: m = SmallCNN(spec.num_classes, *SMALL_CNNS[spec.arch], in_ch=3); return m, m
+    timm = _timm(f"source {spec.name!r} (architecture {spec.arch!r})")
+    m = TimmSource(timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes)); return m, m.m
+
 def _load_state(path:str)->dict:
     p = Path(path)
     if not p.exists(): raise FileNotFoundError(f"source weights {p} do not exist; place the file there or fix `weights:` in the config")
@@ -778,30 +869,55 @@ def _folder_tensors(root:Path, size:int)->tuple[Tensor, Tensor, tuple]:
 def _listing_hash(root:Path)->str:
     return hashlib.sha256("\n".join(str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_file()).encode()).hexdigest()[:12]
 
+# %% ../nbs/30_distill_similar.ipynb #a1b2c3d4
+def _load_into(module:nn.Module, path:str, spec:SourceSpec):
+    "Load a state dict file into a source's module, with a one-line error when it does not fit the architecture."
+    try: module.load_state_dict(_load_state(path))
+    except RuntimeError as e:
+        raise ConfigError(f"source {spec.name!r}: {path} does not fit {spec.arch} with num_classes={spec.num_classes} "
+                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); check arch and num_classes") from None
+
 def build_source(spec:SourceSpec, size:int)->Source:
     "A full-scale source from its spec (timm imported only for timm architectures)."
-    if spec.arch in ("small_cnn", "small_cnn_wide"):
-        widths, fd = ((16, 32, 64), 128) if spec.arch == "small_cnn" else ((32, 64, 128), 256)
-        m = SmallCNN(spec.num_classes, widths, fd, in_ch=3)
-        if spec.weights: m.load_state_dict(_load_state(spec.weights))
+    if spec.arch in SMALL_CNNS:
+        m, _ = _source_model(spec); path = spec.weights or spec.pretrained
+        if path: _load_into(m, path, spec)
         elif spec.train_dir:
             root = Path(spec.train_dir)
             def make():
                 x, y, cls = _folder_tensors(root, size)
                 if len(cls) != spec.num_classes: raise ValueError(f"source {spec.name!r}: {root} has {len(cls)} classes but num_classes={spec.num_classes}")
-                seed_everything(0); mm = SmallCNN(spec.num_classes, widths, fd, in_ch=3); opt = torch.optim.Adam(mm.parameters(), 2e-3)
+                seed_everything(0); mm = SmallCNN(spec.num_classes, *SMALL_CNNS[spec.arch], in_ch=3); opt = torch.optim.Adam(mm.parameters(), 2e-3)
                 def step(i):
                     b = step_batch(len(y), 64, i, 0); loss = F.cross_entropy(mm(x[b].float() / 255), y[b]); opt.zero_grad(); loss.backward(); opt.step(); return loss
                 fit(step, spec.train_steps, desc=f"source {spec.name}"); return mm.state_dict()
             m.load_state_dict(cached_tensors(f"similar-full-source-{spec.name}", spec.to_dict() | {"files": _listing_hash(root), "size": size}, make))
         else: raise ValueError(f"source {spec.name!r} ({spec.arch}) has no weights: give `weights: <file>` or `train_dir: <labeled folder>`")
     else:
-        timm = _timm(f"source {spec.name!r} (architecture {spec.arch!r})")
+        _timm(f"source {spec.name!r} (architecture {spec.arch!r})")
         seed_everything(0)   # as the in-repo sources: a pretrained body's new classifier head is random
-        m = TimmSource(timm.create_model(spec.arch, pretrained=spec.pretrained and not spec.weights, num_classes=spec.num_classes))
-        if spec.weights: m.m.load_state_dict(_load_state(spec.weights))
-        elif not spec.pretrained: raise ValueError(f"source {spec.name!r} ({spec.arch}) has no weights: give `weights: <file>` or `pretrained: true`")
+        m, inner = _source_model(spec)
+        if not (spec.weights or spec.pretrained): raise ValueError(f"source {spec.name!r} ({spec.arch}) has no weights: give `weights: <file>` or `pretrained: <local file>`")
+        _load_into(inner, spec.weights or spec.pretrained, spec)
     return Source(spec.name, "", m.eval().requires_grad_(False), torch.zeros(0))
+
+# %% ../nbs/30_distill_similar.ipynb #b2c3d4e5
+def check_source_files(cfg:SimilarFullConfig, where:str="SimilarFullConfig")->None:
+    "Before any compute: each source has a file to load and the file exists; else a one-line ConfigError naming the key and the fix."
+    for i, s in enumerate(cfg.sources):
+        key = f"{where}.sources[{i}]"
+        if s.weights:
+            if not Path(s.weights).is_file():
+                how = ("write it with `python scripts/finetune_sources.py --config <this config>` (it fine-tunes `pretrained` on `train_dir`)"
+                       if s.pretrained and s.train_dir else "place the source's state dict (.safetensors or .pth) there")
+                raise ConfigError(f"{key}.weights: {Path(s.weights).absolute()} does not exist; {how}, or fix the path")
+        elif s.pretrained:
+            if not Path(s.pretrained).is_file():
+                raise ConfigError(f"{key}.pretrained: {Path(s.pretrained).absolute()} does not exist; save the {s.arch} pretrained state dict "
+                                  f"(timm's layout, .safetensors or .pth) there, or fix the path")
+        elif s.arch not in SMALL_CNNS or not s.train_dir:
+            raise ConfigError(f"{key}: source {s.name!r} ({s.arch}) has nothing to load; set weights: <file> or pretrained: <local file>"
+                              + (" or train_dir: <labeled folder>" if s.arch in SMALL_CNNS else ""))
 
 # %% ../nbs/30_distill_similar.ipynb #7da89608
 def make_toy_image_folder(root, classes:int=3, n_train:int=24, n_test:int=8, size:int=16, seed:int=0, name:str="target", shift:float=0.0)->Path:
@@ -880,32 +996,57 @@ class _StudentWithProj(nn.Module):
         f = self.net.forward_head(self.net.forward_features(x), pre_logits=True); return self.net.get_classifier()(f), f
 
 # %% ../nbs/30_distill_similar.ipynb #412bc691
-@launcher("similar", SimilarFullConfig)
-def similar_full(cfg:SimilarFullConfig, out:Path)->dict:
-    "Score the sources, fit their probes and distil them into the target network under accelerate, resumably."
-    acc = make_accelerator(cfg.mixed_precision); out = Path(out); rank, world = acc.process_index, acc.num_processes
-    cfg = _toy_under(cfg, out)
-    with acc.main_process_first(): tdir = _target_dirs(cfg)
+def _full_target(cfg:SimilarFullConfig, tdir:Path)->tuple:
+    "The target folder as uint8 tensors, with its seeded split into labeled and unlabeled training images."
     x_tr, y_tr, classes = _folder_tensors(tdir/"train", cfg.image_size); x_te, y_te, cls_te = _folder_tensors(tdir/"test", cfg.image_size)
     if cls_te != classes: raise ValueError(f"{tdir}/test has classes {cls_te} but train/ has {classes}; use the same class folders")
     C = len(classes); lab, unl = few_shot_split(y_tr, cfg.n_per_class, cfg.seed, n_classes=C)
     if cfg.n_unlabeled: unl = unl[torch.randperm(len(unl), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_unlabeled]].sort().values
     check_target(y_tr[lab], C, len(unl), classes)
-    key = _listing_hash(tdir) + f"-{cfg.image_size}"; x_all = torch.cat([x_tr, x_te]); n_tr = len(x_tr)
+    return x_tr, y_tr, x_te, y_te, classes, lab, unl
+
+def _full_source_features(cfg:SimilarFullConfig, acc, x_all:Tensor, n_tr:int, lab:Tensor, unl:Tensor, key:str, out:Path)->tuple[list, dict]:
+    "Every source run once over the target images (cached by the main process; the others read the cache)."
     names, sfs = [], {}
     for spec in cfg.sources:
-        with acc.main_process_first():      # the main process computes and caches; the others read the cache
+        with acc.main_process_first():
             src = build_source(spec, cfg.image_size)
             d = cached_source_features(src, spec, x_all, key, out/"cache", cfg.feature_batch, acc.device)
         f, lg = d["feats"], d["logits"]; names.append(spec.name)
         sfs[spec.name] = SourceFeatures(spec.name, {"lab": f[lab], "unl": f[unl], "test": f[n_tr:]}, {"lab": lg[lab], "unl": lg[unl], "test": lg[n_tr:]})
-    y_lab = y_tr[lab]
+    return names, sfs
+
+def _full_teachers(cfg:SimilarFullConfig, names:list, sfs:dict, y_lab:Tensor, C:int)->tuple:
+    "Similarities under every metric, the source weights, the per-source probe teachers and the distillation targets."
     sims = {m: [similarity(m, sfs[s], y_lab, C) for s in names] for m in METRICS if m != "domain" and (m != "ncc" or cfg.n_per_class >= 2)}
-    mode = {"weighted": "softmax", "nearest": "top1", "all": "uniform"}[cfg.method]
-    w = source_weights(sims[cfg.metric], mode, cfg.T)
+    w = source_weights(sims[cfg.metric], {"weighted": "softmax", "nearest": "top1", "all": "uniform"}[cfg.method], cfg.T)
     tchs = [probe_teacher(sfs[s], y_lab, C) for s in names]
-    if cfg.teacher == "probe": targets = [t_["unl"] for t_ in tchs]
-    else: targets = [(sfs[s].feats["unl"] - sfs[s].feats["unl"].mean(0)) / sfs[s].feats["unl"].std(0).clamp_min(1e-6) for s in names]
+    if cfg.teacher == "probe": return sims, w, tchs, [t_["unl"] for t_ in tchs]
+    return sims, w, tchs, [(sfs[s].feats["unl"] - sfs[s].feats["unl"].mean(0)) / sfs[s].feats["unl"].std(0).clamp_min(1e-6) for s in names]
+
+def _full_finish(acc, model, cfg:SimilarFullConfig, out:Path, summary:dict, x_te:Tensor, y_te:Tensor, x_bn:Tensor)->dict:
+    "On the main process: re-estimate batch norm (TargetNet), test the student, save it and the summary."
+    if acc.is_main_process:
+        net = acc.unwrap_model(model).net.cpu()
+        if isinstance(net, TargetNet): recalibrate_bn(net, x_bn.float() / 255)
+        summary["student_test_acc"] = accuracy(net.eval(), x_te.float() / 255, y_te)
+        summary["student_params"] = count_params(net)
+        save_tensors(out/"student.safetensors", net.state_dict())
+        (out/"summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+# %% ../nbs/30_distill_similar.ipynb #c3d4e5f6
+@launcher("similar", SimilarFullConfig)
+def similar_full(cfg:SimilarFullConfig, out:Path)->dict:
+    "Score the sources, fit their probes and distil them into the target network under accelerate, resumably."
+    out = Path(out); cfg = _toy_under(cfg, out); check_source_files(cfg)
+    acc = make_accelerator(cfg.mixed_precision); rank, world = acc.process_index, acc.num_processes
+    with acc.main_process_first(): tdir = _target_dirs(cfg)
+    x_tr, y_tr, x_te, y_te, classes, lab, unl = _full_target(cfg, tdir); C = len(classes)
+    key = _listing_hash(tdir) + f"-{cfg.image_size}"; n_tr = len(x_tr)
+    names, sfs = _full_source_features(cfg, acc, torch.cat([x_tr, x_te]), n_tr, lab, unl, key, out)
+    y_lab = y_tr[lab]
+    sims, w, tchs, targets = _full_teachers(cfg, names, sfs, y_lab, C)
     seed_everything(cfg.seed)
     model = _StudentWithProj(_student(cfg, C), [t_.shape[1] for t_ in targets] if cfg.teacher == "feature" else [], cfg.image_size)
     opt = torch.optim.Adam(model.parameters(), cfg.lr); model, opt = acc.prepare(model, opt)
@@ -924,18 +1065,117 @@ def similar_full(cfg:SimilarFullConfig, out:Path)->dict:
             loss = loss + _distill_term(ou, fu, [t_.to(acc.device) for t_ in targets], w, ui, cfg.mix, cfg.teacher, pj, cfg.lam, cfg.tau)
         opt.zero_grad(); acc.backward(loss); opt.step()
         return acc.reduce(loss.detach(), "mean")
-    ck = Checkpointer(out/"checkpoints", keep=cfg.keep)
-    res = fit(step, cfg.steps, ck, {"student": acc.unwrap_model(model)}, {"opt": opt}, every=cfg.checkpoint_every,
-              desc="student", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    res = fit(step, cfg.steps, Checkpointer(out/"checkpoints", keep=cfg.keep), {"student": acc.unwrap_model(model)}, {"opt": opt},
+              every=cfg.checkpoint_every, desc="student", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
     acc.wait_for_everyone()
     summary = {"final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": world, "sources": names,
                "similarities": sims, "weights": w.tolist(), "method": cfg.method,
                "teacher_test_acc": [float((t_["test"].argmax(1) == y_te).float().mean()) for t_ in tchs]}
-    if acc.is_main_process:
-        net = acc.unwrap_model(model).net.cpu()
-        if isinstance(net, TargetNet): recalibrate_bn(net, torch.cat([xl, xu[:2000]]).float() / 255)
-        summary["student_test_acc"] = accuracy(net.eval(), x_te.float() / 255, y_te)
-        summary["student_params"] = count_params(net)
-        save_tensors(out/"student.safetensors", net.state_dict())
-        (out/"summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return _full_finish(acc, model, cfg, out, summary, x_te, y_te, torch.cat([xl, xu[:2000]]))
+
+# %% ../nbs/30_distill_similar.ipynb #e5f6a7b8
+@dataclasses.dataclass
+class FinetuneConfig(Config):
+    steps: int = 3000                # SGD steps per source
+    batch_size: int = 64
+    lr: float = 0.01                 # Nesterov SGD, cosine decay to 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = ""                 # '' -> cuda when available, else cpu
+
+def _classifier_keys(module:nn.Module)->set[str]:
+    "State-dict keys of the classifier head (timm's `get_classifier()`, SmallCNN's `head`)."
+    clf = module.get_classifier() if hasattr(module, "get_classifier") else module.head
+    name = next(n for n, m in module.named_modules() if m is clf)
+    return {f"{name}.{k}" for k in clf.state_dict()}
+
+def init_from_pretrained(module:nn.Module, path:str, what:str="pretrained")->list[str]:
+    "Load a pretrained state dict into `module` except its classifier (a new head); returns the keys left at their init."
+    sd, own, clf = _load_state(path), module.state_dict(), _classifier_keys(module)
+    body = {k: v for k, v in sd.items() if k not in clf}
+    bad = [k for k, v in body.items() if k not in own or v.shape != own[k].shape]
+    if bad: raise ConfigError(f"{what}: {path} does not fit this architecture ({len(bad)} key(s) differ, e.g. {bad[0]!r}); "
+                              f"set it to pretrained weights of the same architecture")
+    missing = sorted(module.load_state_dict(body, strict=False).missing_keys)
+    lost = [k for k in missing if k not in clf and not k.endswith("num_batches_tracked")]
+    if lost: raise ConfigError(f"{what}: {path} lacks {len(lost)} body weight(s), e.g. {lost[0]!r}; set it to a complete state dict of the same architecture")
+    return missing
+
+# %% ../nbs/30_distill_similar.ipynb #f6a7b8c9
+def finetune_source(spec:SourceSpec, size:int, fcfg:FinetuneConfig=FinetuneConfig(), what:str="source")->dict:
+    "Fine-tune `spec.pretrained` on `spec.train_dir` with a new head for its classes; write `spec.weights` (safetensors)."
+    x, y, classes = _folder_tensors(Path(spec.train_dir), size)
+    if len(classes) != spec.num_classes:
+        raise ConfigError(f"{what}.num_classes: {spec.train_dir} has {len(classes)} class folders but num_classes={spec.num_classes}; set num_classes to {len(classes)}")
+    seed_everything(fcfg.seed); model, inner = _source_model(spec); init_from_pretrained(inner, spec.pretrained, f"{what}.pretrained")
+    dev = torch.device(fcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")); model.to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), fcfg.lr, momentum=fcfg.momentum, nesterov=True, weight_decay=fcfg.weight_decay)
+    bs = min(fcfg.batch_size, len(y))
+    def step(i):
+        for pg in opt.param_groups: pg["lr"] = fcfg.lr * 0.5 * (1 + math.cos(math.pi * i / fcfg.steps))
+        b = step_batch(len(y), bs, i, fcfg.seed); g = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + i)   # stateless: resumes exactly
+        xb = augment(x[b].float() / 255, "weak", g, shift=max(1, size // 16)); flip = torch.rand(len(b), generator=g) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).to(dev)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = F.cross_entropy(model(xb).float(), y[b].to(dev), label_smoothing=fcfg.label_smoothing)
+        opt.zero_grad(); loss.backward(); opt.step(); return loss
+    ckdir = Path(str(spec.weights) + ".finetune")
+    res = fit(step, fcfg.steps, Checkpointer(ckdir, keep=1), {"model": model}, {"opt": opt}, every=fcfg.checkpoint_every,
+              desc=f"fine-tune {spec.name}", config={"source": spec.to_dict(), "finetune": fcfg.to_dict(), "image_size": size})
+    model.eval().cpu()
+    out = {"source": spec.name, "steps": fcfg.steps, "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"],
+           "train_acc": accuracy(model, x.float() / 255, y)}
+    test = Path(spec.train_dir).parent/"test"
+    if test.is_dir():
+        xt, yt, ct = _folder_tensors(test, size)
+        if ct == classes: out["test_acc"] = accuracy(model, xt.float() / 255, yt)
+    Path(spec.weights).parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(spec.weights, inner.state_dict(), {"arch": spec.arch, "num_classes": str(spec.num_classes), "finetuned_from": str(spec.pretrained)})
+    Path(str(spec.weights) + ".json").write_text(json.dumps(out, indent=1)); shutil.rmtree(ckdir, ignore_errors=True)
+    return out
+
+# %% ../nbs/30_distill_similar.ipynb #a7b8c9d0
+def finetune_sources(cfg:SimilarFullConfig, fcfg:FinetuneConfig=FinetuneConfig(), only:Sequence[str]=(), force:bool=False,
+                     where:str="SimilarFullConfig")->dict:
+    "Fine-tune every source of `cfg` with `weights` and `train_dir` (or those in `only`); all inputs are checked first."
+    unknown = sorted(set(only) - {s.name for s in cfg.sources})
+    if unknown: raise ConfigError(f"--only {unknown[0]!r}: no such source in the config; sources: {', '.join(s.name for s in cfg.sources)}")
+    todo = [(i, s) for i, s in enumerate(cfg.sources) if s.weights and s.train_dir and (not only or s.name in only)]
+    if not todo: raise ConfigError(f"{where}: no source has both `weights` (the file to write) and `train_dir` (its images); "
+                                   f"add them to each source to fine-tune")
+    for i, s in todo:
+        key = f"{where}.sources[{i}]"
+        if not s.pretrained or not Path(s.pretrained).is_file():
+            raise ConfigError(f"{key}.pretrained: {Path(s.pretrained).absolute() if s.pretrained else 'empty'}"
+                              f"{' does not exist' if s.pretrained else ''}; save the {s.arch} pretrained state dict (timm's layout, "
+                              f".safetensors or .pth) at a local path and set pretrained to it")
+        d = Path(s.train_dir)
+        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+            raise ConfigError(f"{key}.train_dir: {d.absolute()} has no class folders; place the source's labeled images under "
+                              f"{d}/<class>/*, or fix the path")
+    out = {}
+    for i, s in todo:
+        if Path(s.weights).exists() and not force: out[s.name] = {"skipped": f"{s.weights} exists (--force redoes it)"}; continue
+        out[s.name] = finetune_source(s, cfg.image_size, fcfg, f"{where}.sources[{i}]")
+    return out
+
+# %% ../nbs/30_distill_similar.ipynb #c9d0e1f2
+def finetune_cli(argv:list[str]|None=None)->dict:
+    "`python scripts/finetune_sources.py --config <launcher yaml>`: fine-tune the sources it needs (a user error: one line, exit 2)."
+    import argparse
+    from distill_nb.launch import apply_overrides
+    p = argparse.ArgumentParser(prog="finetune_sources.py", description="Fine-tune the source models a `similar` launcher config needs.")
+    p.add_argument("--config", type=Path, required=True, help="the launcher config, e.g. configs/similar/resnet_pool.yaml")
+    p.add_argument("--only", action="append", default=[], help="fine-tune only this source (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo sources whose weights file exists")
+    p.add_argument("--set", action="append", default=[], help="a FinetuneConfig override KEY=VALUE, e.g. --set steps=500")
+    a = p.parse_args(argv)
+    try:
+        cfg = SimilarFullConfig.from_yaml(a.config)
+        res = finetune_sources(cfg, FinetuneConfig.from_dict(apply_overrides({}, a.set), _where="FinetuneConfig (--set)"), a.only, a.force,
+                               where=f"SimilarFullConfig ({a.config.name})")
+    except (ConfigError, FileNotFoundError, ImportError) as e: print(f"error: {' '.join(str(e).split())}", file=sys.stderr); sys.exit(2)
+    print(json.dumps(res, indent=1)); return res

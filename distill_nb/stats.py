@@ -10,8 +10,9 @@ from typing import Callable, NamedTuple, Sequence
 # %% auto #0
 __all__ = ['CorrResult', 'ConstantInputWarning', 'pearson', 'spearman', 'kendall', 'bootstrap_ci', 'PairedDiff', 'paired_diff',
            'SignFlipTest', 'sign_flip_test', 'sign_flip_power', 'seeds_needed', 'min_detectable_effect',
-           'spearman_brown', 'Reliability', 'reliability', 'disattenuated', 'binomial_se', 'holm', 'mean_std',
-           'mean_std_table', 'eta_squared', 'regret', 'expected_random_regret', 'top_k_hit']
+           'TimeToThreshold', 'time_to_threshold', 'curve_area', 'gehan_scores', 'CensoredComparison',
+           'censored_compare', 'spearman_brown', 'Reliability', 'reliability', 'disattenuated', 'binomial_se', 'holm',
+           'mean_std', 'mean_std_table', 'eta_squared', 'regret', 'expected_random_regret', 'top_k_hit']
 
 # %% ../nbs/03_stats.ipynb #903394ae
 import numpy as np
@@ -233,6 +234,74 @@ def min_detectable_effect(n:int, sd:float, alpha:float=0.05, power:float=0.8)->f
     if sign_flip_power(1e3 * sd, sd, n, alpha) < power: return float("inf")
     from scipy.optimize import brentq
     return float(brentq(lambda e: sign_flip_power(e, sd, n, alpha) - power, 1e-9 * sd, 1e3 * sd, xtol=1e-10 * sd))
+
+# %% ../nbs/03_stats.ipynb #2a0f939d
+class TimeToThreshold(NamedTuple):
+    "The first evaluated iteration at which a curve is at or below the threshold, or the budget when it never is."
+    time: float      # that iteration, or the budget (censored)
+    reached: bool    # False: censored at the budget
+
+def time_to_threshold(iters:Sequence[float],  # evaluated iterations, increasing
+                      values:Sequence[float], # the metric there (lower is better)
+                      tau:float,              # the threshold
+                      budget:float|None=None, # censoring time (default: the last iteration)
+                     )->TimeToThreshold:
+    "Time to reach `tau`, censored at `budget` (evaluations after the budget are ignored)."
+    it, v = np.asarray(iters, dtype=float), np.asarray(values, dtype=float)
+    if it.shape != v.shape or it.ndim != 1 or len(it) < 1: raise ValueError(f"time_to_threshold: iters and values must be 1-D of the same length, got {it.shape} and {v.shape}")
+    if np.any(np.diff(it) <= 0): raise ValueError("time_to_threshold: iters must increase")
+    budget = float(it[-1] if budget is None else budget)
+    hit = np.flatnonzero((v <= tau) & (it <= budget))
+    return TimeToThreshold(float(it[hit[0]]), True) if len(hit) else TimeToThreshold(budget, False)
+
+def curve_area(iters:Sequence[float], values:Sequence[float], budget:float|None=None)->float:
+    "Area under a curve from its first iteration to `budget` (trapezoids; last value carried on), divided by the span."
+    it, v = np.asarray(iters, dtype=float), np.asarray(values, dtype=float)
+    if it.shape != v.shape or it.ndim != 1 or len(it) < 2: raise ValueError(f"curve_area: needs 1-D iters and values of the same length >= 2, got {it.shape} and {v.shape}")
+    budget = float(it[-1] if budget is None else budget)
+    if budget <= it[0]: raise ValueError(f"curve_area: the budget {budget} must exceed the first iteration {it[0]}")
+    grid = np.concatenate([it[it < budget], [budget]]); vals = np.interp(grid, it, v)   # np.interp carries the last value on
+    return float(np.sum((vals[1:] + vals[:-1]) / 2 * np.diff(grid)) / (budget - it[0]))
+
+def gehan_scores(time_a, reached_a, time_b, reached_b)->np.ndarray:
+    "Per pair: +1 when A is known to reach the threshold first, -1 when B is, 0 when unknown or tied."
+    ta, tb = np.asarray(time_a, dtype=float), np.asarray(time_b, dtype=float)
+    ea, eb = np.asarray(reached_a, dtype=bool), np.asarray(reached_b, dtype=bool)
+    if not (ta.shape == tb.shape == ea.shape == eb.shape): raise ValueError("gehan_scores: all four inputs must have one value per pair")
+    a_first = ea & ((ta < tb) | ((ta == tb) & ~eb)); b_first = eb & ((tb < ta) | ((tb == ta) & ~ea))
+    return a_first.astype(float) - b_first.astype(float)
+
+
+# %% ../nbs/03_stats.ipynb #b24209a5
+@dataclass
+class CensoredComparison:
+    "Paired comparison of two arms' curves: times to a threshold (censored at the budget), Gehan scores, areas."
+    tau: float; budget: float
+    time_a: list; reached_a: list; time_b: list; reached_b: list
+    scores: list             # Gehan's paired scores (+1: A first)
+    rank: SignFlipTest       # sign-flip test of the scores: A reaches tau first
+    area_a: list; area_b: list
+    area: SignFlipTest       # sign-flip test of area_a - area_b < 0: A's curve is lower
+    def __str__(self):
+        return (f"tau {self.tau:.4g}, budget {self.budget:g}: A reached {sum(self.reached_a)}/{len(self.scores)}, "
+                f"B {sum(self.reached_b)}/{len(self.scores)}; Gehan scores {self.scores} (p={self.rank.p:.3g}); "
+                f"area A-B {self.area.effect:+.3g} (p={self.area.p:.3g})")
+
+def censored_compare(curves_a:Sequence,  # arm A: one (iters, values) pair per seed
+                     curves_b:Sequence,  # arm B on the same seeds, in the same order
+                     tau:float,          # the threshold (lower is better)
+                     budget:float|None=None, # censoring time (default: the smallest last iteration)
+                     alpha:float=0.05, min_n:int=6)->CensoredComparison:
+    "Does A reach `tau` first (Gehan scores) and have the lower curve (area), paired by seed, runs that never reach it censored?"
+    if len(curves_a) != len(curves_b) or len(curves_a) < 1: raise ValueError(f"censored_compare: the arms must be paired (same number of seeds >= 1), got {len(curves_a)} and {len(curves_b)}")
+    budget = float(min(c[0][-1] for c in [*curves_a, *curves_b]) if budget is None else budget)
+    ta, tb = ([time_to_threshold(i, v, tau, budget) for i, v in cs] for cs in (curves_a, curves_b))
+    s = gehan_scores([x.time for x in ta], [x.reached for x in ta], [x.time for x in tb], [x.reached for x in tb])
+    aa, ab = ([curve_area(i, v, budget) for i, v in cs] for cs in (curves_a, curves_b))
+    return CensoredComparison(float(tau), budget, [x.time for x in ta], [x.reached for x in ta], [x.time for x in tb],
+                              [x.reached for x in tb], s.tolist(), sign_flip_test(s, np.zeros_like(s), "greater", alpha=alpha, min_n=min_n),
+                              aa, ab, sign_flip_test(aa, ab, "less", alpha=alpha, min_n=min_n))
+
 
 # %% ../nbs/03_stats.ipynb #a1f0c014
 def spearman_brown(r:float, k:float)->float:

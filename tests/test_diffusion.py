@@ -94,3 +94,57 @@ def test_save_load_and_one_step_pipeline(tmp_path):
     z = torch.randn(4, 1, 8, 8, generator=_gen(9))
     with torch.no_grad(): ref = one_step(g, z, 399, torch.arange(4))
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+# --- the score model as a LoRA on a frozen base (lora_score_model, LoRAFakeScoreTrainer) ---
+
+class _TextUNet(torch.nn.Module):
+    "A diffusers UNet2DConditionModel called as model(x, t, class_labels=None), with a fixed text conditioning."
+    def __init__(self, seed=0):
+        from diffusers import UNet2DConditionModel
+        super().__init__(); torch.manual_seed(seed)
+        self.unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                         cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8)
+        self.register_buffer("ctx", torch.randn(1, 3, 8, generator=_gen(seed)))
+    def forward(self, x, t, class_labels=None):
+        return self.unet(x, t, encoder_hidden_states=self.ctx.expand(len(x), -1, -1)).sample
+
+def _bases():
+    return {"EpsMLP": (EpsMLP(hidden=32), torch.randn(16, 2, generator=_gen(7))),
+            "UNet2DConditionModel": (_TextUNet(), torch.randn(4, 4, 8, 8, generator=_gen(7)))}
+
+@pytest.mark.parametrize("kind", ["EpsMLP", "UNet2DConditionModel"])
+def test_lora_score_model_starts_equal_and_trains_only_the_adapter(kind):
+    """At init the LoRA score model's output equals the frozen base's bit for bit (B = 0); a fake-score step
+    (`fake_score_loss` via LoRAFakeScoreTrainer) changes every adapter tensor and nothing else: the base stays bitwise
+    equal, the frozen weights are the base's own storage, and the trainable share is small."""
+    from distill_nb.diffusion import LoRAFakeScoreTrainer, trainable_fraction, train_memory
+    torch.manual_seed(1); base, x0 = _bases()[kind]; base.requires_grad_(False)
+    t = torch.randint(0, 1000, (len(x0),), generator=_gen(8)); xt = add_noise(x0, torch.randn_like(x0), t)
+    fs = LoRAFakeScoreTrainer(base, rank=2, lr=1e-2, ratio=1)
+    with torch.no_grad(): assert torch.equal(fs.model(xt, t), base(xt, t))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    lora0 = {n: p.detach().clone() for n, p in fs.model.named_parameters() if p.requires_grad}
+    assert lora0 and all("lora_" in n for n in lora0)
+    frac = trainable_fraction(fs.model)
+    assert 0 < frac < (0.35 if kind == "EpsMLP" else 0.15), frac          # measured: the adapter's share of all parameters
+    ptrs = {p.data_ptr() for p in base.parameters()}
+    assert {p.data_ptr() for p in fs.model.parameters() if not p.requires_grad} == ptrs   # the base is shared, not copied
+    for _ in range(2): fs.step(x0, _gen(9))
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())          # base: bit for bit
+    assert all(not torch.equal(p, lora0[n]) for n, p in fs.model.named_parameters() if p.requires_grad)   # every adapter tensor moved
+    with torch.no_grad(): assert not torch.equal(fs.model(xt, t), base(xt, t))
+    m = train_memory(fs.model, fs.opt, base); n = sum(v.numel() for v in lora0.values())
+    assert m["params"] == m["grads"] == 4 * n and m["optimizer"] >= 8 * n, m    # nothing of the base is held twice
+
+def test_full_fake_score_unchanged_and_lora_errors():
+    "FakeScoreTrainer still makes a full trainable copy; lora_score_model refuses a bad rank and a base that already has adapters."
+    from distill_nb.core import ConfigError
+    from distill_nb.diffusion import FakeScoreTrainer, lora_score_model
+    base = EpsMLP(hidden=32).requires_grad_(False)
+    f = FakeScoreTrainer(base); ptrs = {p.data_ptr() for p in base.parameters()}
+    assert all(p.requires_grad and p.data_ptr() not in ptrs for p in f.model.parameters())
+    with pytest.raises(ConfigError, match="positive integer"): lora_score_model(base, rank=0)
+    with pytest.raises(ConfigError, match="already carries LoRA layers"): lora_score_model(lora_score_model(base, rank=2))
+    with pytest.raises(ConfigError, match="no nn.Linear or nn.Conv2d"): lora_score_model(torch.nn.Sequential(torch.nn.ReLU()))

@@ -1,8 +1,10 @@
 """DisBack's full-scale launcher under 2 real CPU processes (torchrun, gloo) with the tiny config: a run killed
 mid-backtracking resumes at the same path node and ends bit-identical to an uninterrupted run; every path node is
 kept; corrupt checkpoints and a missing teacher are refused with clear messages; the saved generator reloads in a
-fresh process and gives bitwise-identical one-step samples."""
-import json, subprocess, sys
+fresh process and gives bitwise-identical one-step samples; the in-run convergence table (curve.csv) survives a kill
+and resume without lost or repeated rows; 2 processes and 1 process accumulating 2 micro-batches agree; the baseline
+trains under bf16 (1 process); `distill_nb results --curves` plots two runs side by side."""
+import json, math, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
@@ -31,8 +33,11 @@ def test_two_processes_kill_and_resume_same_node(ref_run, tmp_path):
     s_ref = json.loads((ref_run/"summary.json").read_text())
     assert s_ref["world_size"] == 2 and s_ref["resumed_from"] is None and s_ref["path_nodes"] == 3
     assert s_ref["targets"] == [1] * 8 + [0] * 4                 # N-1 = 1 for K = 8 iterations, then the teacher
-    killed = torchrun(tmp_path/"run", tmp_path/"home", DISTILL_NB_CRASH_AT_STEP="7")   # rank 0 dies during node 1
+    home = ref_run.parent/"home"                                   # the digits classifier of the in-run FD is cached there
+    killed = torchrun(tmp_path/"run", home, DISTILL_NB_CRASH_AT_STEP="7")   # rank 0 dies during node 1
     assert killed.returncode != 0
+    from distill_nb.disback import read_curve
+    assert [r["iteration"] for r in read_curve(tmp_path/"run")] == list(range(8))   # row 7 came after the last checkpoint (6)
     ck = tmp_path/"run"/"checkpoints"
     assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-00000003", "checkpoint-00000005"]  # keep 2
     st = json.loads((ck/"checkpoint-00000005"/"state.json").read_text())
@@ -41,14 +46,17 @@ def test_two_processes_kill_and_resume_same_node(ref_run, tmp_path):
 
     bad = tmp_path/"bad"; shutil.copytree(tmp_path/"run", bad)   # a truncated newest checkpoint is refused
     f = bad/"checkpoints"/"checkpoint-00000005"/"model.safetensors"; f.write_bytes(f.read_bytes()[:100])
-    r = launch1(bad, tmp_path/"home")
+    r = launch1(bad, home)
     assert r.returncode != 0
     assert "checkpoint-00000005 is corrupt" in r.stderr and "resume from checkpoint-00000003" in r.stderr
     assert sorted(p.name for p in (bad/"checkpoints").glob("checkpoint-*")) == ["checkpoint-00000003", "checkpoint-00000005"]  # nothing deleted
     assert sorted(p.name for p in (bad/"path").glob("node-*")) == ["node-000", "node-001", "node-002"]
 
-    resumed = torchrun(tmp_path/"run", tmp_path/"home")
+    resumed = torchrun(tmp_path/"run", home)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = read_curve(tmp_path/"run")                               # resumed at iteration 6: row 7 redone once, nothing lost
+    assert [r["iteration"] for r in rows] == list(range(13))
+    assert (tmp_path/"run"/"curve.csv").read_bytes() == (ref_run/"curve.csv").read_bytes()
     s = json.loads((tmp_path/"run"/"summary.json").read_text())
     assert s["resumed_from"] == 5 and s["world_size"] == 2
     assert s["targets"] == s_ref["targets"]                        # continued at node 1, then switched on time
@@ -58,6 +66,72 @@ def test_two_processes_kill_and_resume_same_node(ref_run, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert s["final_dm"] == s_ref["final_dm"]
 
+@pytest.fixture(scope="module")
+def one_run(ref_run, tmp_path_factory):
+    "The tiny config on 1 process accumulating 2 micro-batches (the same home: the cached digits classifier is reused)."
+    d = tmp_path_factory.mktemp("one")
+    r = run_launch("disback", TINY, d/"run", 1, ["gradient_accumulation_steps=2"], home=ref_run.parent/"home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d/"run"
+
+def test_two_processes_match_one_process_accumulating(ref_run, one_run):
+    "Global batch 8: 2 processes × 4 and 1 process × 2 micro-batches of 4 give the same curve and generator (to rounding)."
+    from distill_nb.disback import read_curve
+    s2, s1 = (json.loads((r/"summary.json").read_text()) for r in (ref_run, one_run))
+    assert (s2["world_size"], s2["per_device_batch"], s1["world_size"], s1["per_device_batch"], s1["gradient_accumulation_steps"]) == (2, 4, 1, 4, 2)
+    assert s2["curve"] == "curve.csv" and s2["path_steps"] == 2 * 3          # n_nodes × path_every degradation steps
+    two, one = read_curve(ref_run), read_curve(one_run)
+    assert [(r["iteration"], r["phase"], r["target"], r["metric"]) for r in two] == \
+        [(0, "start", None, "clf_fd")] + [(k, "path", 1, "clf_fd") for k in range(1, 9)] + [(k, "teacher", 0, "clf_fd") for k in range(9, 13)]
+    assert len({r["value"] for r in two}) > 1                                 # the generator moves
+    assert [(r["iteration"], r["phase"], r["target"]) for r in one] == [(r["iteration"], r["phase"], r["target"]) for r in two]
+    assert one[0]["value"] == two[0]["value"]                                 # iteration 0: the same generator, bitwise
+    assert all(math.isclose(a["value"], b["value"], rel_tol=1e-5) for a, b in zip(one, two))   # two half-batch means vs one: rounding only
+    a = load_file(ref_run/"final"/"generator"/"diffusion_pytorch_model.safetensors")
+    b = load_file(one_run/"final"/"generator"/"diffusion_pytorch_model.safetensors")
+    dw = max((a[k] - b[k]).abs().max().item() for k in a); print(f"max |dw| 2x1 vs 1x2: {dw:.3g}")
+    assert a.keys() == b.keys() and dw < 1e-5, dw
+
+@pytest.fixture(scope="module")
+def base_bf16(ref_run, tmp_path_factory):
+    "The DMD2-style baseline of the tiny config under bf16 autocast (no path; 1 process to keep the file's time down)."
+    d = tmp_path_factory.mktemp("base")
+    r = run_launch("disback", TINY, d/"run", 1, ["mode=baseline", "mixed_precision=bf16"], home=ref_run.parent/"home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d/"run"
+
+def test_bf16_baseline(base_bf16):
+    "bf16 on CPU: losses finite, fp32 weights that moved away from the teacher, a curve all at the teacher phase."
+    from distill_nb.disback import read_curve, tiny_unet
+    s = json.loads((base_bf16/"summary.json").read_text())
+    assert (s["mixed_precision"], s["world_size"], s["mode"], s["path_nodes"], s["path_steps"]) == ("bf16", 1, "baseline", None, 0)
+    assert math.isfinite(s["final_dm"]) and set(s["targets"]) == {0}
+    w, init = load_file(base_bf16/"final"/"generator"/"diffusion_pytorch_model.safetensors"), tiny_unet(8).state_dict()
+    assert all(w[k].dtype == torch.float32 for k in w) and max((w[k] - init[k]).abs().max().item() for k in w) > 1e-4
+    rows = read_curve(base_bf16)
+    assert [r["iteration"] for r in rows] == list(range(13)) and {r["phase"] for r in rows[1:]} == {"teacher"}
+    assert all(math.isfinite(r["value"]) for r in rows)
+
+def test_results_cli_plots_two_runs(ref_run, base_bf16, tmp_path, capsys):
+    "`distill_nb results --curves BASELINE DISBACK --out fig.png` writes a two-panel figure; a folder without curve.csv is refused."
+    from distill_nb.cli import main
+    fig = tmp_path/"figs"/"curves.png"
+    assert main(["results", "--curves", str(base_bf16), str(ref_run), "--out", str(fig)]) == 0
+    assert f"wrote {fig}" in capsys.readouterr().out
+    import matplotlib.image as mpimg
+    img = mpimg.imread(fig); assert img.ndim == 3 and img.shape[1] > img.shape[0] > 100        # two panels side by side
+    with pytest.raises(SystemExit) as e: main(["results", "--curves", str(ref_run), str(tmp_path), "--out", str(fig)])
+    assert e.value.code == 2 and f"no curve.csv in {tmp_path}" in capsys.readouterr().err
+
+def test_missing_feature_network_is_refused_before_compute(tmp_path, capsys, monkeypatch):
+    from distill_nb.launch import main
+    monkeypatch.setenv("DISTILL_NB_HOME", str(tmp_path/"home")); monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["disback", "--config", str(TINY), "--out", str(tmp_path/"o"), "--set", f"eval_features={tmp_path}/feats"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: eval_features {tmp_path}/feats: no feature network there"), err
+    assert not (tmp_path/"home"/"cache").exists() and not list((tmp_path/"o").rglob("*"))   # nothing trained, nothing written
+
 def test_corrupt_path_node_is_refused(ref_run, tmp_path):
     import shutil
     shutil.copytree(ref_run/"path", tmp_path/"run"/"path")
@@ -66,11 +140,13 @@ def test_corrupt_path_node_is_refused(ref_run, tmp_path):
     assert r.returncode != 0 and "node-001/diffusion_pytorch_model.safetensors is missing or corrupt" in r.stderr
     assert sorted(p.name for p in (tmp_path/"run"/"path").glob("node-*")) == ["node-000", "node-001", "node-002"]  # nothing deleted
 
-def test_missing_teacher_directory(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "distill_nb.launch", "disback", "--config", str(TINY), "--out", str(tmp_path/"o"),
-                        "--set", f"teacher={tmp_path}/nowhere"], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert "diffusion_pytorch_model.safetensors" in r.stderr and "Nothing is downloaded" in r.stderr
+def test_missing_teacher_directory(tmp_path, capsys, monkeypatch):
+    from distill_nb.launch import main
+    monkeypatch.setenv("DISTILL_NB_HOME", str(tmp_path/"home")); monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["disback", "--config", str(TINY), "--out", str(tmp_path/"o"), "--set", f"teacher={tmp_path}/nowhere"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "diffusion_pytorch_model.safetensors" in err and "Nothing is downloaded" in err, err
 
 SAMPLE = """
 import sys, torch
@@ -80,17 +156,15 @@ x = p(batch_size=6, generator=torch.Generator().manual_seed(7)).images
 torch.save(x, sys.argv[2])
 """
 
-def test_generator_reloads_bitwise_in_fresh_processes(ref_run, tmp_path):
-    outs = []
-    for i in range(2):
-        o = tmp_path/f"x{i}.pt"
-        r = subprocess.run([sys.executable, "-c", SAMPLE, str(ref_run/"final"), str(o)], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        outs.append(torch.load(o, weights_only=True))
-    assert outs[0].shape == (6, 1, 8, 8) and torch.isfinite(outs[0]).all()
-    assert torch.equal(outs[0], outs[1])
+def test_generator_reloads_bitwise_in_a_fresh_process(ref_run, tmp_path):
+    "The launcher's saved generator samples the same in a fresh process as here (so any two fresh processes agree)."
+    o = tmp_path/"x.pt"
+    r = subprocess.run([sys.executable, "-c", SAMPLE, str(ref_run/"final"), str(o)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    x = torch.load(o, weights_only=True)
+    assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all()
     from distill_nb.disback import load_pipeline
-    assert torch.equal(outs[0], load_pipeline(ref_run/"final")(batch_size=6, generator=torch.Generator().manual_seed(7)).images)
+    assert torch.equal(x, load_pipeline(ref_run/"final")(batch_size=6, generator=torch.Generator().manual_seed(7)).images)
 
 def test_trained_generator_reloads_bitwise_through_lcm_pipeline(tmp_path):
     "The generator as trained (in memory) and as reloaded by a fresh process give bitwise-identical one-step samples."
@@ -128,3 +202,12 @@ def test_bench_cli_reports_one_step_vs_teacher_ratio():
     res = json.loads(line.strip())
     assert res["speedup"] > 1 and res["one_step_s"] > 0 and res["teacher_8_steps_s"] > 0
     assert abs(res["speedup"] - res["teacher_8_steps_s"] / res["one_step_s"]) < 0.05 * res["speedup"]
+
+def test_uneven_batch_split_is_refused_before_compute(tmp_path, capsys, monkeypatch):
+    from distill_nb.launch import main
+    monkeypatch.setenv("DISTILL_NB_HOME", str(tmp_path/"home")); monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["disback", "--config", str(TINY), "--out", str(tmp_path/"o"), "--set", "gradient_accumulation_steps=3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: batch_size 8 does not split over 1 process(es) × 3 accumulation step(s)"), err
+    assert not (tmp_path/"home"/"cache").exists()

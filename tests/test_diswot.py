@@ -1,8 +1,8 @@
 """DisWOT full-scale launcher under 2 real CPU processes (torchrun, gloo): runs killed in the teacher training, in the
 search and in the KD training resume (teacher checkpoints, population state, KD checkpoints) to the bit-identical result
 of an uninterrupted run, for the CIFAR-style tiny config and the ImageNet-style one (generated image folder, ResNet
-teacher file in the torchvision layout); plus the placement errors, the NAS-Bench-201 file reader, the R-EA
-search-quality property and the metric unit tests."""
+teacher file in the torchvision layout, decoded by DataLoader workers); the NAS-Bench-201 file read by rank 0 alone and
+broadcast (2 processes); plus the placement errors, the R-EA search-quality property and the metric unit tests."""
 import json
 from pathlib import Path
 import numpy as np
@@ -115,21 +115,35 @@ def test_imagenet_placement_errors(tmp_path):
     r = launch(tmp_path/"o3", tmp_path/"home", f"data_root={tmp_path/'nowhere'}", f"teacher_weights={w}", nproc=1, config=IN_TINY)
     assert r.returncode != 0 and "place ImageNet" in r.stderr
 
-def test_nb201_official_layout_and_missing_file(tmp_path):
-    from distill_nb.diswot import NB201Space
+_OPEN_LOG = """
+import os, sys
+_watch, _log = os.environ["NB201_WATCH"], os.environ["NB201_OPEN_LOG"]
+def _hook(event, args):
+    if event == "open" and args and str(args[0]) == _watch:
+        with open(_log, "a") as f: f.write(os.environ.get("RANK", "?") + "\\n")
+sys.addaudithook(_hook)
+"""
+
+def test_nb201_read_once_on_main_and_broadcast(tmp_path):
+    "Issue 19: under 2 processes only rank 0 opens the benchmark file (an audit hook logs every open), and both ranks hold the same table."
+    from distill_nb.diswot import NB201Space, table_digest
     home = tmp_path/"home"
-    r = launch(tmp_path/"miss", home, "space=nb201", nproc=1)
+    r = launch(tmp_path/"miss", home, "space=nb201")                                 # the error reaches every rank: no hang
     assert r.returncode != 0 and "place NAS-Bench-201" in r.stderr
     archs = NB201Space().all()                                            # a fake but complete table, documented layout
     acc = {a: (i * 7919 % 10007) / 100. for i, a in enumerate(archs)}
     rc = lambda a: {"epochs": 200, "eval_acc1es": {"x-test@199": a, "x-valid@199": a - 1.}, "net_state_dict": None}
     torch.save({"meta_archs": archs, "arch2infos": {i: {"full": {"all_results": {("cifar100", 777): rc(acc[a])}}}
                                                     for i, a in enumerate(archs)}}, tmp_path/"nb201.pth")
-    r = launch(tmp_path/"nb", home, "space=nb201", "nb201_C=2", "nb201_N=1", f"nb201_file={tmp_path/'nb201.pth'}",
-               "budget_kind=none", nproc=1)
+    site = tmp_path/"site"; site.mkdir(); (site/"sitecustomize.py").write_text(_OPEN_LOG)
+    log = tmp_path/"opens.log"; bench = tmp_path/"nb201.pth"
+    r = launch(tmp_path/"nb", home, "space=nb201", "nb201_C=2", "nb201_N=1", f"nb201_file={bench}", "budget_kind=none",
+               PYTHONPATH=str(site), NB201_WATCH=str(bench), NB201_OPEN_LOG=str(log))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert log.read_text().split() == ["0"]                               # opened once, by rank 0 alone
     s = json.loads((tmp_path/"nb"/"summary.json").read_text())
-    assert s["benchmark_accuracy"] == acc[s["best_arch"]]
+    assert s["world_size"] == 2 and s["benchmark_accuracy"] == acc[s["best_arch"]]
+    assert s["benchmark_digests"] == [table_digest(acc)] * 2              # both ranks got the whole table, identical
 
 def test_cifar100_placement_error(tmp_path):
     r = launch(tmp_path/"c", tmp_path/"home", "dataset=cifar100", nproc=1, DISTILL_NB_FULL_DATA=str(tmp_path/"nodata"))

@@ -85,6 +85,16 @@ def test_engine_refusals_before_compute(tmp_path, capsys, monkeypatch, sets, wan
     assert e.value.code == 2 and err.startswith(want) and err.count("\n") == 1, err
     assert not (tmp_path/"home"/"cache").exists()                          # no teacher trained
 
+@pytest.mark.parametrize("var,name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_training_is_refused_before_compute(tmp_path, capsys, monkeypatch, var, name):
+    "accelerate's FSDP / DeepSpeed switch: one line, exit 2, no teacher trained (the launchers save from the main process only)."
+    monkeypatch.setenv("DISTILL_NB_HOME", str(tmp_path/"home")); monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(SystemExit) as e: main(["hinton", "--config", str(TINY), "--out", str(tmp_path/"o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {name} is not supported by distill_nb's launchers yet") and err.count("\n") == 1, err
+    assert not (tmp_path/"home"/"cache").exists() and not (tmp_path/"o"/"checkpoints").exists()
+
 def test_corrupt_checkpoint_is_refused(tmp_path, killed):
     shutil.copytree(killed[0], tmp_path/"run")
     f = tmp_path/"run"/"checkpoints"/"checkpoint-00000009"/"model.safetensors"

@@ -48,16 +48,21 @@ def test_activations_match_measured_rss_peak():
     assert measured > 200e6, f"the RSS measurement is too small to compare ({measured} bytes)"
     assert 0.7 * measured <= planned <= 1.3 * measured, f"planned {planned / 2**20:.0f} MiB vs measured {measured / 2**20:.0f} MiB"
 
-def test_oversized_names_a_knob():
+def test_oversized_names_a_knob(tmp_path):
     step = lambda m, b: m["m"](torch.zeros(b, 512)).logsumexp(-1).mean().backward()
     ph = Phase("wide", lambda: {"m": nn.Sequential(nn.Linear(512, 4096), nn.ReLU(), nn.Linear(4096, 10))}, "adam", 4096, acts=[Act(step)])
     ok = plan_phase(ph, "test-knob", gpus=1, gpu_mem=80, cache=False); assert ok.fits and not ok.knob
     r = plan_phase(ph, "test-knob", gpus=1, gpu_mem=0.1, cache=False)
     assert not r.fits and r.knob.startswith("accumulation x"), r.knob
     mb = int(r.knob.split("micro-batch ")[1].split(")")[0]); assert mb < 4096
-    # a full trained copy too big for 24 GiB: the SDXL DMD phase's fake score (41 GiB of fp32 weights, gradients, Adam)
-    rows = {r.phase: r for r in plan("hyper_sd", ROOT/"configs/hyper_sd/sdxl.yaml", gpus=8, gpu_mem=24, measure=False)}
-    dmd = rows["DMD"]; assert not dmd.fits and ("LoRA" in dmd.knob or "FSDP" in dmd.knob), dmd.knob
+    # a full trained copy too big for 24 GiB: the SDXL DMD phase's fake score as a full copy (41 GiB of fp32 weights,
+    # gradients, Adam) does not fit and the knob names the LoRA; the shipped config's LoRA fake score fits
+    full = tmp_path/"sdxl_full.yaml"; full.write_text((ROOT/"configs/hyper_sd/sdxl.yaml").read_text().replace("fake_score: lora", "fake_score: full"))
+    assert "fake_score: full" in full.read_text()
+    dmd = {r.phase: r for r in plan("hyper_sd", full, gpus=8, gpu_mem=24, measure=False)}["DMD"]
+    assert not dmd.fits and ("LoRA" in dmd.knob or "FSDP" in dmd.knob), dmd.knob
+    lora = {r.phase: r for r in plan("hyper_sd", ROOT/"configs/hyper_sd/sdxl.yaml", gpus=8, gpu_mem=24, measure=False)}["DMD"]
+    assert lora.fits and lora.peak < dmd.peak / 2, (lora.peak, dmd.peak)
 
 @pytest.mark.parametrize("cfg", FULL, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_plan_counts_every_full_config(cfg, capsys):

@@ -71,3 +71,32 @@ def test_tables():
     assert mean_std([1., 2., 3., 4.], fmt=".1f") == "2.5 ± 1.3"
     md = mean_std_table([{"arm": "a|b", "acc": [1, 2]}], columns=["arm", "acc"])
     assert md.splitlines()[2] == "| a\\|b | 1.50 ± 0.71 |"
+
+def test_gehan_scores_agree_with_the_true_order_where_it_is_known():
+    "Random true times censored at a common budget: a score is ±1 exactly when the censored data fix the order, and then it is right."
+    from distill_nb.stats import gehan_scores
+    rng = np.random.default_rng(0); ta, tb = rng.integers(1, 30, 400).astype(float), rng.integers(1, 30, 400).astype(float)
+    T = 20.; s = gehan_scores(np.minimum(ta, T), ta <= T, np.minimum(tb, T), tb <= T)
+    known = (np.minimum(ta, tb) <= T) & (ta != tb)                 # at least one reached by T, and no tie
+    assert (s[known] == np.sign(tb - ta)[known]).all() and (s[~known] == 0).all()
+    assert set(np.unique(s[known])) == {-1., 1.}
+
+def test_censored_compare_hand_worked():
+    "Threshold 1.0, budget 100: A first on seed 0, B first on seed 1 (A censored), seed 2 unknown; areas by scipy.integrate.trapezoid."
+    from distill_nb.stats import censored_compare
+    from scipy.integrate import trapezoid
+    it = [0, 25, 50, 75, 100]
+    A = [(it, [4., 1., .5, .5, .5]), (it, [4., 3., 2., 1.5, 1.2]), (it, [4., 3., 3., 3., 3.]), (it, [4., .9, .8, .8, .8])]
+    B = [(it, [4., 2., 1., 1., 1.]), (it, [4., 1., .9, .9, .9]),  (it, [4., 4., 4., 4., 4.]), (it, [4., 2., 1.5, 1., 1.])]
+    c = censored_compare(A, B, 1.0)
+    assert (c.time_a, c.reached_a) == ([25., 100., 100., 25.], [True, False, False, True])
+    assert (c.time_b, c.reached_b) == ([50., 25., 100., 75.], [True, True, False, True])
+    assert c.scores == [1., -1., 0., 1.]
+    flips = [sum(e * x for e, x in zip(sg, c.scores)) for sg in itertools.product([-1, 1], repeat=4)]
+    assert c.rank.p == pytest.approx(sum(f >= sum(c.scores) for f in flips) / 16)    # exact sign-flip enumeration
+    assert c.rank.p == pytest.approx(8 / 16)        # sums of ±1 ∓1 ±1 (the 0 either way): 3, 1, 1, 1 of 8 are >= 1
+    for (i, v), area in zip(A, c.area_a): assert area == pytest.approx(trapezoid(v, i) / 100)
+    d = np.array(c.area_a) - np.array(c.area_b)
+    flips = [np.mean(np.array(sg) * d) for sg in itertools.product([-1, 1], repeat=4)]
+    assert c.area.p == pytest.approx(sum(f <= d.mean() + 1e-12 for f in flips) / 16)  # A's curve lower: the left tail
+    assert not c.rank.passed and not c.area.passed                                  # 4 pairs never pass (min_n 6)
