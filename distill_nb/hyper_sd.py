@@ -272,6 +272,7 @@ def h1_checks(A:dict)->dict:
     checks["every student beats the teacher at 4 steps (mean over seeds)"] = bool(all(A[m][4].mean() < A["teacher"][4].mean() for m in ("tscd", "ctm", "cd")))
     return checks
 
+# %% ../nbs/50_hyper_sd.ipynb #aca33312
 @experiment("hyper_sd", "h1_ring", "TSCD vs CTM vs CD on the 2-D ring at 1/2/4/8 steps, same iteration budget", ci=False)
 def h1_ring(scale:str="quick", seeds:list|None=None, iters:int=4000, teacher_steps:int=4000, n_eval:int=4000)->Record:
     "H1: TSCD (8→4→2→1) vs CTM (k=1) vs CD vs the teacher, SW-2 to data at 1/2/4/8 steps, paired seeds."
@@ -436,6 +437,7 @@ def start_timesteps(steps:int, t_max:int=999)->list[int]:
     if t_max == 999: return trailing_timesteps(steps)
     return (np.round(np.arange(t_max + 1, 0, -(t_max + 1) / steps)).astype(np.int64) - 1).tolist()
 
+# %% ../nbs/50_hyper_sd.ipynb #41564b47
 @dataclasses.dataclass
 class DigitsEval:
     "Fixed noises and labels for paired evaluation of digit samplers."
@@ -777,6 +779,7 @@ def train_feedback_lora(model:CondEpsMLP, alpha_d:float, cfg:FeedbackConfig=Feed
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); return loss.detach()
     res = fit(step, cfg.iters, desc="feedback LoRA"); model.eval(); return res
 
+# %% ../nbs/50_hyper_sd.ipynb #013510ec
 @dataclasses.dataclass
 class UnifiedConfig(Config):
     iters: int = 400
@@ -827,6 +830,7 @@ def _reward_stats(model:nn.Module, ev:DigitsEval, steps:int, guidance:float=1.0,
     with torch.no_grad(): r = class_reward(rc, x, ev.y).mean().item()
     return {**ev(x), "reward": r, "contrast": stroke_contrast(x).mean().item()}
 
+# %% ../nbs/50_hyper_sd.ipynb #fed2ba04
 @experiment("hyper_sd", "h3_unified", "feedback LoRA + DMD/MSE one-step stage → one LoRA for 1/2/4/8 steps (digits)", ci=False)
 def h3_unified(scale:str="quick", seeds:list|None=None, fb:FeedbackConfig|None=None, uni:UnifiedConfig|None=None,
                distill:DigitsDistillConfig|None=None, n_eval:int=1000, cache:bool=True)->Record:
@@ -896,6 +900,7 @@ def h3_unified(scale:str="quick", seeds:list|None=None, fb:FeedbackConfig|None=N
         notes="Reward stand-ins: class log-prob under a second in-repo classifier ('ImageReward' role), stroke contrast ('aesthetic' role), a tiny conv segmenter ('SOLO' role). "
               "Seeds are paired: seed s uses the TSCD LoRA of H2's seed s and the same evaluation noises; thresholds stated in the checks.")
 
+# %% ../nbs/50_hyper_sd.ipynb #d3b129b0
 def h3_checks(runs:list)->dict:
     "H3's checks from per-seed results runs[i][model][steps][metric] (paired seeds)."
     V = lambda m, s, k: np.array([r[m][s][k] for r in runs])
@@ -1107,6 +1112,7 @@ def load_sd(cfg:HyperSDFullConfig)->dict:
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(p/"tokenizer_2"); parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(p/"text_encoder_2")
     return parts
 
+# %% ../nbs/50_hyper_sd.ipynb #f8f36ee2
 @torch.no_grad()
 def encode_prompts(parts:dict, captions:list[str], arch:str, resolution:int, device)->dict:
     "UNet conditioning for captions: encoder_hidden_states (+ SDXL's added_cond_kwargs)."
