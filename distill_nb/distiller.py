@@ -167,6 +167,7 @@ def _masked_mean(z:Tensor, mask:Tensor|None)->Tensor:
     if mask is None: return z.mean(1)
     m = mask.to(z.dtype)[..., None]; return (z * m).sum(1) / m.sum(1).clamp_min(1.)
 
+# %% ../nbs/10_distiller.ipynb #e414c0e4
 class TransformerCritic(nn.Module):
     "Distiller's two-tower transformer critic and baseline; `level` 'sample' (N x N) or 'position' (official, L x L)."
     def __init__(self, d_s:int, d_t:int, out:int=16, heads:int=8, ffn:int=512, level:Literal["sample", "position"]="sample"):
@@ -257,6 +258,7 @@ INTERMEDIATE = ("none", "mse", "ce", "cos", "pkd", "mi")
 KD_LOSSES = ("ce", "mse")
 AUGMENTERS = ("swap", "delete", "synonym")
 
+# %% ../nbs/10_distiller.ipynb #bca549cf
 @dataclasses.dataclass
 class DistillerPipeline(Config):
     "One KD pipeline of Distiller's search space."
@@ -384,6 +386,7 @@ def synonym_replace(words:list[str], p:float, rng:random.Random, synonyms:dict[s
         w[i] = rng.choice([s for s in synonyms[w[i].lower()] if " " not in s])
     return w
 
+# %% ../nbs/10_distiller.ipynb #84f28421
 class TextAugmenter:
     "An ordered pipeline of word-level augmenters ('swap', 'delete', 'synonym'), each touching a fraction aug_p."
     def __init__(self, names:Sequence[str], aug_p:float=0.3, synonyms:dict|None=None):
@@ -617,6 +620,7 @@ def masked_mean(h:Tensor, am:Tensor)->Tensor:
     "Mean over the real tokens (attention mask 1) of token states `h` (n, T, d): (n, d)."
     m = am.unsqueeze(-1).to(h.dtype); return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
+# %% ../nbs/10_distiller.ipynb #2bc8c8de
 @torch.no_grad()
 def _teacher_forward(model, ids:Tensor, am:Tensor, layers:Sequence[int], bs:int=128)->tuple[Tensor, Tensor]:
     logits, pooled = [], []
@@ -670,6 +674,7 @@ def compact_vocab(*id_tensors:Tensor, vocab:Tensor|None=None)->tuple[list[Tensor
     if any((o < 0).any() for o in out): raise ValueError("compact_vocab: some token ids are not in `vocab`; pass a vocab that covers every id (e.g. the union of all inputs)")
     return out, len(used)
 
+# %% ../nbs/10_distiller.ipynb #8ce73a99
 def distill_bert(pipe:DistillerPipeline,
                  ids:Tensor, am:Tensor,          # training tokens (n, T)
                  t_logits:Tensor,                # cached teacher logits (n, C)
@@ -833,6 +838,7 @@ def augmented_teacher_logits(n:int=4000, cfg:TweetTeacherConfig=TweetTeacherConf
            "cache_version": 2}   # 2: from the seeded teacher
     return copies, src, cached_tensors("distiller-tweets-aug-logits", key, make)["logits"]
 
+# %% ../nbs/10_distiller.ipynb #b36e250f
 @experiment("distiller", "e3_augmentation", "augmentation x data size x student size (teacher re-labels the copies)", ci=False)
 def e3_augmentation(scale:str="quick", seeds:list[int]|None=None, n_trains:Sequence[int]=(250, 4000),
                     students:Sequence[str]=("L2-H128", "L4-H256"), steps:int=100, lr:float=5e-4)->Record:
@@ -1143,6 +1149,7 @@ class GlueDistillConfig(Config):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # the shipped configs: bf16 (GPU or CPU); fp16 is GPU-only
     resume_safe = ("checkpoint_every", "keep", "num_workers", "eval_batch_size")
 
+# %% ../nbs/10_distiller.ipynb #30547165
 class ModelMissingError(FileNotFoundError):
     "A model folder the full-scale run needs is not there."
 
@@ -1152,7 +1159,6 @@ def _model_dir(path:str, what:str, hint:str)->Path:
         raise ModelMissingError(f"place {what} (Hugging Face format: config.json, model.safetensors or pytorch_model.bin, vocab.txt) "
                                 f"under {p or '<a folder>'} and set it in the config; {hint}")
     return p
-
 
 # %% ../nbs/10_distiller.ipynb #g1000002
 def _rank(x:np.ndarray)->np.ndarray:

@@ -64,6 +64,7 @@ class StageNet(nn.Module):
         return {"stages": outs, "feat": h, "pool": pool, "logits": self.fc(pool)}
     def forward(self, x:Tensor)->Tensor: return self.features(x)["logits"]
 
+# %% ../nbs/40_diswot.ipynb #f314bcc0
 def resnet_like(stages:Sequence[Sequence[int]],  # per stage (depth, width, kernel)
                 in_ch:int=1,                      # input channels
                 n_classes:int=10,                 # classes
@@ -117,6 +118,7 @@ class SearchSpace:
 
 _RES_RE = re.compile(r"d(\d+)w(\d+)k(\d+)")
 
+# %% ../nbs/40_diswot.ipynb #7ae91b6c
 class ResSpace(SearchSpace):
     "ResNet-like space: per stage a depth, width and kernel from the given choices."
     def __init__(self, depths:Sequence[Sequence[int]], widths:Sequence[Sequence[int]], kernels:Sequence[Sequence[int]],
@@ -161,6 +163,7 @@ class ResSpace(SearchSpace):
         per = [list(itertools.product(d, w, k)) for d, w, k in zip(self.depths, self.widths, self.kernels)]
         return [self.encode(s) for s in itertools.product(*per)]
 
+# %% ../nbs/40_diswot.ipynb #2bfdc31f
 def s1_space(depths:Sequence[int]=(1, 2, 3),        # depth choices of every stage
              widths:Sequence[int]=(8, 16, 32),      # fixed stage widths
              in_ch:int=1, n_classes:int=10)->ResSpace:
@@ -192,6 +195,7 @@ class NB201Cell(nn.Module):
             nodes.append(sum(self.ops[e](nodes[i]) for e, (t, i) in enumerate(NB201_EDGES) if t == j))
         return nodes[3]
 
+# %% ../nbs/40_diswot.ipynb #5dbf1932
 class NB201Space(SearchSpace):
     "NAS-Bench-201-like cells: 6 edges x 5 ops; network with N cells per stage at widths C, 2C, 4C."
     name = "NB201"
@@ -270,6 +274,7 @@ def to_torchvision_keys(sd:dict)->dict:
         out[k2] = v
     return out
 
+# %% ../nbs/40_diswot.ipynb #c94ccab6
 def _require_weights(path:str|Path, what:str="the teacher's weights")->Path:
     "`path` if it is a file, else the error that says where to place the weights."
     p = Path(path)
@@ -360,6 +365,7 @@ def semantic_similarity(out_s:dict, out_t:dict,            # model_outputs of st
         return _fro_normed(G @ G.T)
     return (gram(out_t) - gram(out_s)).norm()
 
+# %% ../nbs/40_diswot.ipynb #be1e58f2
 def relation_similarity(out_s:dict, out_t:dict, form:Literal["code", "paper"]="code")->Tensor:
     "DisWOT's relation metric M_r: difference of the N x N sample Grams of the pre-GAP maps."
     if form == "code": return sp_loss(out_s["feat"], out_t["feat"])
@@ -439,6 +445,7 @@ def proxy_nwot(model, s_out, t_out, x, y)->float:
         model.train(was)
     return float(torch.linalg.slogdet(K)[1])
 
+# %% ../nbs/40_diswot.ipynb #53b30911
 def proxy_synflow(model, s_out, t_out, x, y)->float:
     "SynFlow: sum W * dR/dW with R the output sum of |W|-network without BN on an all-ones input (float64)."
     import copy
@@ -538,6 +545,7 @@ def _load_state(path, meta):
                               f"delete it or use another output folder")
     return st
 
+# %% ../nbs/40_diswot.ipynb #b4b0c4af
 def regularized_evolution(space:SearchSpace,                 # the search space
                           fitness:Callable[[str], float],    # higher is better (e.g. the DisWOT score)
                           n_evals:int=300,                   # total fitness evaluations, initial population included
@@ -584,6 +592,7 @@ def regularized_evolution(space:SearchSpace,                 # the search space
     best = max(hist, key=lambda r: r[1])
     return {"best": best[0], "fitness": best[1], "history": hist, "n_evals": len(hist), "resumed_from": resumed}
 
+# %% ../nbs/40_diswot.ipynb #2f1b31ff
 def random_search(space:SearchSpace, fitness:Callable[[str], float], n_evals:int=300, budget:float|None=None,
                   cost:Callable[[str], float]|None=None, seed:int=0, max_tries:int=1000)->dict:
     "Random search: `n_evals` random architectures within the budget; the best fitness wins."

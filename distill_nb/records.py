@@ -12,9 +12,9 @@ __all__ = ['PAPERS', 'EXPERIMENTS', 'TIERS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 
            'experiment', 'PaperNotAvailable', 'load_paper', 'available_papers', 'get_experiments', 'benchmark',
            'get_benchmarks', 'Check', 'claim', 'claim_test', 'guard', 'power_gate', 'seeds_gate', 'is_legacy',
            'verdict_from', 'versions', 'Record', 'results_dir', 'write_record', 'load_record', 'load_records',
-           'protocol_file', 'protocol', 'preregistered', 'code_hash', 'record_status', 'GuardFailed', 'run_experiment',
-           'jobs', 'run_parallel', 'md_table', 'verdict_cell', 'time_cell', 'records_table', 'checks_table',
-           'record_markdown', 'render_results', 'show_experiment', 'show_records', 'notebook_markdown',
+           'protocol_file', 'protocol', 'preregistered', 'source_hash', 'code_hash', 'record_status', 'GuardFailed',
+           'run_experiment', 'jobs', 'run_parallel', 'md_table', 'verdict_cell', 'time_cell', 'records_table',
+           'checks_table', 'record_markdown', 'render_results', 'show_experiment', 'show_records', 'notebook_markdown',
            'output_problems', 'fill_outputs']
 
 # %% ../nbs/05_records.ipynb #c0611ab8
@@ -226,7 +226,7 @@ class Record:
     cold_time_s: float|None = None               # cold: empty DISTILL_NB_HOME and fixtures bypassed (None: not measured)
     protocol: dict = dataclasses.field(default_factory=dict)  # the pre-registered protocol (configs/<paper>/protocol.yaml)
     protocol_hash: str = ""
-    code_hash: str = ""                          # sha256 of the paper module's exported source when it ran
+    code_hash: str = ""                          # source_hash of the paper module when it ran (its tokens)
     runtime: dict = dataclasses.field(default_factory=dict)   # jobs, processes: how it ran (never a metric)
     versions: dict = dataclasses.field(default_factory=versions)
     created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -341,10 +341,16 @@ def _module_file(paper:str)->Path:
     import importlib.util
     return Path(importlib.util.find_spec(PAPERS[paper][0]).origin)
 
+def source_hash(text:str)->str:
+    "12 hex characters of the sha256 of Python source's tokens, comments and blank lines left out."
+    import hashlib, io, tokenize
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING}
+    toks = (f"{t.type}:{t.string}" for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in skip)
+    return hashlib.sha256("\x00".join(toks).encode()).hexdigest()[:12]
+
 def code_hash(paper:str)->str:
-    "12 hex characters of the sha256 of the paper module's exported source (read, not imported)."
-    import hashlib
-    return hashlib.sha256(_module_file(paper).read_bytes()).hexdigest()[:12]
+    "The `source_hash` of the paper module's exported source (read, not imported)."
+    return source_hash(_module_file(paper).read_text())
 
 def record_status(rec:Record)->str:
     "'current', 'stale: ...' (the module or the protocol changed) or 'legacy' (written before roles and hashes)."
