@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Literal
 
 # %% auto #0
-__all__ = ['Mode', 'RING_TEACHER', 'DIGITS_TEACHER', 'DIGITS_CLASSIFIER', 'BEDS', 'CLAIM', 'SWEEP', 'CURVE_FILE', 'CURVE_COLUMNS',
-           'sample_shape', 'frozen_copy', 'check_pair', 'DegradationPath', 'SimulatedCrash', 'record_degradation',
-           'FixedSwitch', 'AdaptiveSwitch', 'target_schedule', 'ScoreDistiller', 'distill', 'ring_teacher',
-           'digits_teacher', 'digits_classifier', 'sample_teacher', 'ring_eval', 'digits_eval', 'path_profile',
-           'fake_init_losses', 'iters_to_reach', 'curve_auc', 'speed', 'bed_teacher', 'bed_path', 'run_method',
-           'image_grid', 'ring_path_experiment', 'fake_loss_windows', 'convergence_record',
-           'ring_convergence_experiment', 'digits_convergence_experiment', 'claim_test', 'initial_direction_cos',
-           'mechanism_experiment', 'digits_sweep_experiment', 'save_run', 'load_pipeline', 'one_step_benchmark',
-           'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'check_eval_config', 'curve_eval', 'write_curve',
-           'read_curve', 'disback_full', 'plot_curves']
+__all__ = ['Mode', 'RING_TEACHER', 'DIGITS_TEACHER', 'DIGITS_CLASSIFIER', 'BEDS', 'RING_V2', 'PATH_PROFILE_STEPS', 'CLAIM',
+           'SWEEP', 'CURVE_FILE', 'CURVE_COLUMNS', 'sample_shape', 'frozen_copy', 'check_pair', 'DegradationPath',
+           'SimulatedCrash', 'record_degradation', 'FixedSwitch', 'AdaptiveSwitch', 'target_schedule', 'ScoreDistiller',
+           'distill', 'ring_teacher', 'digits_teacher', 'digits_classifier', 'sample_teacher', 'ring_eval',
+           'digits_eval', 'path_profile', 'fake_init_losses', 'iters_to_reach', 'curve_auc', 'speed', 'bed_teacher',
+           'bed_path', 'run_method', 'path_iterations', 'seed_teacher', 'ring_seed_run', 'image_grid',
+           'ring_path_experiment', 'fake_loss_windows', 'convergence_record', 'digits_convergence_experiment',
+           'noninferior_at_end', 'charged', 'smoothed', 'window_mean', 'seed_speed', 'ring_convergence_experiment',
+           'initial_direction_cos', 'mechanism_experiment', 'digits_sweep_experiment', 'save_run', 'load_pipeline',
+           'one_step_benchmark', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'check_eval_config', 'curve_eval',
+           'write_curve', 'read_curve', 'disback_full', 'plot_curves']
 
 # %% ../nbs/20_disback.ipynb #8a1d0a94
 import numpy as np
@@ -26,12 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .core import (Config, ConfigError, Checkpointer, CheckpointError, atomic_write_json, cached_tensors,
-                             check_finite, progress, seed_everything)
+                             check_finite, progress, seed_everything, config_hash)
 from .diffusion import (EpsMLP, ResEpsMLP, alphas_cumprod, add_noise, predict_eps, one_step, sample_ddim,
                                   dmd_loss, fake_score_loss, step_generator, train_eps_model, eight_gaussians,
                                   digits_images, tensor_batches, sliced_wasserstein, pixel_fd, classifier_fd,
                                   train_feature_classifier, FeatureClassifier, matching_scheduler, OneStepPipeline)
-from .records import Record, experiment, benchmark
+from .records import (Record, experiment, benchmark, claim_test, guard, power_gate, seeds_gate, protocol,
+                                run_parallel)
+from .stats import sign_flip_test, time_to_threshold, curve_area, gehan_scores, mean_std
 from .launch import launcher, make_accelerator, split_batch
 
 # %% ../nbs/20_disback.ipynb #42abce04
@@ -66,6 +69,37 @@ def check_pair(teacher:nn.Module, generator:nn.Module, t_star:int=399):
                              f"the teacher expects {shape[1:]}")
         predict_eps(teacher, x.to(next(teacher.parameters()).device), 500)
 
+# %% ../nbs/20_disback.ipynb #1c4bdb80
+def _model_class(name:str):
+    "The model class of a saved network: distill_nb's ε-MLPs or a diffusers model."
+    import distill_nb.diffusion as dd, diffusers
+    c = getattr(dd, name, None) or getattr(diffusers, name, None)
+    if c is None: raise ValueError(f"unknown model class {name!r}; pass model_cls explicitly")
+    return c
+
+def _check_fits(template:nn.Module, states:list[dict]):
+    "Raise when a node's parameters differ (names or shapes) from the template's."
+    ref = {k: v.shape for k, v in template.state_dict().items()}
+    for i, s in enumerate(states):
+        got = {k: v.shape for k, v in s.items()}
+        if got != ref:
+            bad = sorted(set(ref) ^ set(got))[:3] or [k for k in ref if ref[k] != got[k]][:3]
+            raise ValueError(f"path node {i} does not fit the teacher's architecture (differing parameters: {bad}); "
+                             f"the path must be recorded from this teacher")
+
+def _read_nodes(root:Path, info:dict, model_cls)->list[dict]:
+    "Every node's state dict, each weight file checked against its sha256 in path.json."
+    states = []
+    for n in sorted(info["files"]):
+        d = root/n
+        for f, h in info["files"][n].items():
+            p = d/f
+            if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != h:
+                raise CheckpointError(f"path checkpoint {p} is missing or corrupt (sha256 mismatch); the path cannot "
+                                      f"be used: delete {root} and record the path again (stage 1 is cheap)")
+        states.append({k: v.clone() for k, v in model_cls.from_pretrained(d).state_dict().items()})
+    return states
+
 # %% ../nbs/20_disback.ipynb #80678261
 class DegradationPath:
     "The nodes s'_0 (= teacher) … s'_N of a degradation path: state dicts plus a template network to load them into."
@@ -74,13 +108,7 @@ class DegradationPath:
             raise ValueError(f"a degradation path needs at least 2 checkpoints (the teacher and one degraded node), got {len(states)}; "
                              f"record it with more steps (n_nodes >= 1)")
         self.template, self.states, self.meta = frozen_copy(template), list(states), dict(meta or {})
-        ref = {k: v.shape for k, v in self.template.state_dict().items()}
-        for i, s in enumerate(self.states):
-            got = {k: v.shape for k, v in s.items()}
-            if got != ref:
-                bad = sorted(set(ref) ^ set(got))[:3] or [k for k in ref if ref[k] != got[k]][:3]
-                raise ValueError(f"path node {i} does not fit the teacher's architecture (differing parameters: {bad}); "
-                                 f"the path must be recorded from this teacher")
+        _check_fits(self.template, self.states)
 
     def __len__(self)->int: return len(self.states)
     @property
@@ -113,28 +141,34 @@ class DegradationPath:
             raise ValueError(f"{root} holds {len(names)} path checkpoint(s); a degradation path needs at least 2 "
                              f"(the teacher and one degraded node): re-record it")
         model_cls = model_cls or _model_class(info["class"])
-        states = []
-        for n in names:
-            d = root/n
-            for f, h in info["files"][n].items():
-                p = d/f
-                if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != h:
-                    raise CheckpointError(f"path checkpoint {p} is missing or corrupt (sha256 mismatch); the path cannot "
-                                          f"be used: delete {root} and record the path again (stage 1 is cheap)")
-            states.append({k: v.clone() for k, v in model_cls.from_pretrained(d).state_dict().items()})
-        return cls(model_cls.from_pretrained(root/names[0]), states, info.get("meta"))
+        return cls(model_cls.from_pretrained(root/names[0]), _read_nodes(root, info, model_cls), info.get("meta"))
 
-def _model_class(name:str):
-    "The model class of a saved network: distill_nb's ε-MLPs or a diffusers model."
-    import distill_nb.diffusion as dd, diffusers
-    c = getattr(dd, name, None) or getattr(diffusers, name, None)
-    if c is None: raise ValueError(f"unknown model class {name!r}; pass model_cls explicitly")
-    return c
 
-# %% ../nbs/20_disback.ipynb #17e17b99
+# %% ../nbs/20_disback.ipynb #ef6f17e7
 class SimulatedCrash(RuntimeError):
     "Raised by the `crash_at` test hooks of `record_degradation` and `distill`."
 
+def _resume_recording(ck:Checkpointer, aux:nn.Module, opt, out_dir:Path, model_cls, every:int, states:list)->tuple:
+    "Continue after the last node saved under `out_dir` -> (start step, losses, states); else save node 0 and start at 0."
+    if (r := ck.resume({"aux": aux}, {"opt": opt})) is None:
+        aux.save_pretrained(out_dir/"node-000"); return 0, [], states
+    start = r["step"] + 1
+    states = [{k: v.clone() for k, v in model_cls.from_pretrained(out_dir/f"node-{i:03d}").state_dict().items()}
+              for i in range(start // every + 1)]
+    return start, r["extra"]["losses"], states
+
+def _degradation_step(aux:nn.Module, g0:nn.Module, opt, g:torch.Generator, batch_size:int, t_star:int, t_range:tuple, autocast)->Tensor:
+    "One Adam step of the ε-form of Eq. (7) for the auxiliary model on fresh samples of the frozen G⁰ (draws from `g`)."
+    dev = next(aux.parameters()).device
+    z = torch.randn(sample_shape(aux, batch_size), generator=g)
+    t = torch.randint(t_range[0], t_range[1], (batch_size,), generator=g)
+    eps = torch.randn(z.shape, generator=g)
+    with torch.no_grad(), autocast(): x0 = one_step(g0, z.to(dev), t_star)
+    with autocast(): loss = fake_score_loss(aux, x0.float(), t.to(dev), eps.to(dev))
+    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    return loss
+
+# %% ../nbs/20_disback.ipynb #17e17b99
 def record_degradation(teacher:nn.Module,        # s_θ: the pre-trained ε-network (not modified)
                        generator:nn.Module,      # G⁰: the initial one-step generator (frozen here)
                        n_nodes:int=10,           # N: the path has N+1 checkpoints
@@ -154,29 +188,17 @@ def record_degradation(teacher:nn.Module,        # s_θ: the pre-trained ε-netw
     check_pair(teacher, generator, t_star)
     import contextlib
     autocast = autocast or contextlib.nullcontext
-    dev = next(teacher.parameters()).device
     aux = copy.deepcopy(teacher).train().requires_grad_(True)
     g0 = frozen_copy(generator)
     opt = torch.optim.Adam(aux.parameters(), lr=lr)
     snap = lambda: {k: v.detach().to("cpu", copy=True) for k, v in aux.state_dict().items()}
     states, losses, start = [snap()], [], 0
-    ck = Checkpointer(Path(out_dir)/".state", keep=1) if out_dir is not None else None
-    if ck is not None:
-        out_dir = Path(out_dir)
-        if (r := ck.resume({"aux": aux}, {"opt": opt})) is not None:       # continue after the last saved node
-            start, losses = r["step"] + 1, r["extra"]["losses"]
-            states = [{k: v.clone() for k, v in type(teacher).from_pretrained(out_dir/f"node-{i:03d}").state_dict().items()}
-                      for i in range(start // every + 1)]
-        else: aux.save_pretrained(out_dir/"node-000")
+    out_dir = Path(out_dir) if out_dir is not None else None
+    ck = Checkpointer(out_dir/".state", keep=1) if out_dir is not None else None
+    if ck is not None: start, losses, states = _resume_recording(ck, aux, opt, out_dir, type(teacher), every, states)
     for step in progress(range(start, n_nodes * every), desc="degradation path"):
         if crash_at is not None and step == crash_at: raise SimulatedCrash(f"simulated crash at degradation step {step}")
-        g = step_generator(seed, step)
-        z = torch.randn(sample_shape(teacher, batch_size), generator=g)
-        t = torch.randint(t_range[0], t_range[1], (batch_size,), generator=g)
-        eps = torch.randn(z.shape, generator=g)
-        with torch.no_grad(), autocast(): x0 = one_step(g0, z.to(dev), t_star)
-        with autocast(): loss = fake_score_loss(aux, x0.float(), t.to(dev), eps.to(dev))
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        loss = _degradation_step(aux, g0, opt, step_generator(seed, step), batch_size, t_star, t_range, autocast)
         losses.append(check_finite(loss, step))
         if (step + 1) % every == 0:
             states.append(snap())
@@ -227,10 +249,97 @@ def target_schedule(switch, losses)->list[int]:
     for l in losses: out.append(switch.index); switch.update(float(l))
     return out
 
+# %% ../nbs/20_disback.ipynb #1ec92c03
+class _AccelerateParts:
+    "ScoreDistiller's device, batch and optimiser-step plumbing, plain or under `accelerate`."
+    def attach(self, acc):
+        "Run under an `accelerate.Accelerator`: prepare generator, fake score and optimisers (the target stays outside)."
+        self.gen, self.fake, self.opt_g, self.opt_f = acc.prepare(self.gen, self.fake, self.opt_g, self.opt_f)
+        self.acc, self.rank, self.world, self.accumulation = acc, acc.process_index, acc.num_processes, acc.gradient_accumulation_steps
+        self._gen_core, self._fake_core = acc.unwrap_model(self.gen), acc.unwrap_model(self.fake)
+        self.target.to(acc.device); return self
+
+    @property
+    def device(self): return next(self._gen_core.parameters()).device
+
+    def _draw(self, g:torch.Generator):
+        "One global batch of (z, t, ε) from `g`, this rank's slice on the device."
+        shape = sample_shape(self.teacher, self.B)
+        z = torch.randn(shape, generator=g); t = torch.randint(self.t_range[0], self.t_range[1], (self.B,), generator=g)
+        eps = torch.randn(shape, generator=g); sl = slice(self.rank, None, self.world)
+        return z[sl].to(self.device), t[sl].to(self.device), eps[sl].to(self.device)
+
+    def _backward(self, loss:Tensor, model, opt):
+        opt.zero_grad(set_to_none=True)
+        if self.acc is not None: self.acc.backward(loss)
+        else: loss.backward()
+        if self.max_grad_norm:
+            if self.acc is not None: self.acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            else: torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        opt.step()
+
+    def _autocast(self):
+        import contextlib
+        return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
+
+    def _update(self, model, opt, loss_fn, batch:tuple)->Tensor:
+        "One optimiser step of `model` on this process's `batch`; under accelerate, in micro-batches under `acc.accumulate`."
+        if self.acc is None:
+            loss = loss_fn(*batch); self._backward(loss, model, opt); return loss.detach()
+        losses = []
+        for mb in zip(*(x.chunk(self.accumulation) for x in batch)):
+            with self.acc.accumulate(model):              # gradients synchronised, clipped and applied on the last
+                loss = loss_fn(*mb); self.acc.backward(loss)
+                if self.max_grad_norm and self.acc.sync_gradients: self.acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                opt.step(); opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
+
+# %% ../nbs/20_disback.ipynb #53ea3e97
+class _RunParts:
+    "ScoreDistiller's losses, iteration, sampling and checkpoint state."
+    def _fake_loss(self, z:Tensor, t:Tensor, eps:Tensor)->Tensor:
+        "Denoising loss of the fake score on the current generator's samples."
+        with torch.no_grad(), self._autocast(): x0 = one_step(self._gen_core, z, self.t_star)
+        with self._autocast(): return fake_score_loss(self.fake, x0.float(), t, eps)
+
+    def _gen_loss(self, z:Tensor, t:Tensor, eps:Tensor)->Tensor:
+        "The DMD2-style loss of the generator against the current target."
+        with self._autocast():
+            x0 = one_step(self.gen, z, self.t_star)
+            return dmd_loss(x0.float(), self.target, self._fake_core, self.t_range, t=t, eps=eps)
+
+    def step(self, k:int)->dict:
+        "Iteration k: `ratio` fake-score updates, one generator update against the current target, then the switch."
+        g = step_generator(self.seed, k)
+        f_losses = [self._update(self.fake, self.opt_f, self._fake_loss, self._draw(g)) for _ in range(self.ratio)]
+        lg = self._update(self.gen, self.opt_g, self._gen_loss, self._draw(g))
+        lg_v, lf_v = lg, torch.stack(f_losses).mean()
+        if self.acc is not None: lg_v, lf_v = self.acc.reduce(lg_v, "mean"), self.acc.reduce(lf_v, "mean")
+        out = {"dm": float(lg_v), "fake": float(lf_v), "target": self.index}
+        self.set_target(self.switch.update(out["dm"]))
+        return out
+
+    @torch.no_grad()
+    def sample(self, z:Tensor)->Tensor:
+        "One-step samples G(z) of the current generator."
+        self._gen_core.eval()
+        try: return one_step(self._gen_core, z.to(self.device), self.t_star).cpu()
+        finally: self._gen_core.train()
+
+    def modules(self)->dict: return {"generator": self._gen_core, "fake": self._fake_core}
+    def optimizers(self)->dict: return {"opt_g": self.opt_g, "opt_f": self.opt_f}
+    def extra(self)->dict: return {"index": self.index, "switch": self.switch.state_dict(), "mode": self.mode}
+    def restore(self, extra:dict):
+        "Continue at the saved path node (after `Checkpointer.load` restored the weights)."
+        if extra.get("mode", self.mode) != self.mode:
+            raise CheckpointError(f"the checkpoint was written by a {extra['mode']!r} run, this run is {self.mode!r}; use another output directory")
+        self.switch.load_state_dict(extra["switch"]); self.set_target(int(extra["index"]))
+
 # %% ../nbs/20_disback.ipynb #e37ca9c6
 Mode = Literal["baseline", "disback", "fake_init"]
 
-class ScoreDistiller:
+class ScoreDistiller(_AccelerateParts, _RunParts):
     "One-step score distillation with a switchable target: the DMD2-style baseline, DisBack, or DisBack's fake init only."
     def __init__(self, teacher:nn.Module,            # s_θ (frozen, not modified)
                  path:DegradationPath|None=None,      # needed by 'disback' and 'fake_init'
@@ -266,86 +375,6 @@ class ScoreDistiller:
         sd = self.teacher.state_dict() if (i == 0 or self.path is None) else self.path[i]
         self.target.load_state_dict(sd); self.index = i
 
-    def attach(self, acc):
-        "Run under an `accelerate.Accelerator`: prepare generator, fake score and optimisers (the target stays outside)."
-        self.gen, self.fake, self.opt_g, self.opt_f = acc.prepare(self.gen, self.fake, self.opt_g, self.opt_f)
-        self.acc, self.rank, self.world, self.accumulation = acc, acc.process_index, acc.num_processes, acc.gradient_accumulation_steps
-        self._gen_core, self._fake_core = acc.unwrap_model(self.gen), acc.unwrap_model(self.fake)
-        self.target.to(acc.device); return self
-
-    @property
-    def device(self): return next(self._gen_core.parameters()).device
-
-    def _draw(self, g:torch.Generator):
-        "One global batch of (z, t, ε) from `g`, this rank's slice on the device."
-        shape = sample_shape(self.teacher, self.B)
-        z = torch.randn(shape, generator=g); t = torch.randint(self.t_range[0], self.t_range[1], (self.B,), generator=g)
-        eps = torch.randn(shape, generator=g); sl = slice(self.rank, None, self.world)
-        return z[sl].to(self.device), t[sl].to(self.device), eps[sl].to(self.device)
-
-    def _backward(self, loss:Tensor, model, opt):
-        opt.zero_grad(set_to_none=True)
-        if self.acc is not None: self.acc.backward(loss)
-        else: loss.backward()
-        if self.max_grad_norm:
-            if self.acc is not None: self.acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-            else: torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-        opt.step()
-
-    def _autocast(self):
-        import contextlib
-        return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
-
-    def _fake_loss(self, z:Tensor, t:Tensor, eps:Tensor)->Tensor:
-        "Denoising loss of the fake score on the current generator's samples."
-        with torch.no_grad(), self._autocast(): x0 = one_step(self._gen_core, z, self.t_star)
-        with self._autocast(): return fake_score_loss(self.fake, x0.float(), t, eps)
-
-    def _gen_loss(self, z:Tensor, t:Tensor, eps:Tensor)->Tensor:
-        "The DMD2-style loss of the generator against the current target."
-        with self._autocast():
-            x0 = one_step(self.gen, z, self.t_star)
-            return dmd_loss(x0.float(), self.target, self._fake_core, self.t_range, t=t, eps=eps)
-
-    def _update(self, model, opt, loss_fn, batch:tuple)->Tensor:
-        "One optimiser step of `model` on this process's `batch`; under accelerate, in micro-batches under `acc.accumulate`."
-        if self.acc is None:
-            loss = loss_fn(*batch); self._backward(loss, model, opt); return loss.detach()
-        losses = []
-        for mb in zip(*(x.chunk(self.accumulation) for x in batch)):
-            with self.acc.accumulate(model):              # gradients synchronised, clipped and applied on the last
-                loss = loss_fn(*mb); self.acc.backward(loss)
-                if self.max_grad_norm and self.acc.sync_gradients: self.acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-                opt.step(); opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        return torch.stack(losses).mean()
-
-    def step(self, k:int)->dict:
-        "Iteration k: `ratio` fake-score updates, one generator update against the current target, then the switch."
-        g = step_generator(self.seed, k)
-        f_losses = [self._update(self.fake, self.opt_f, self._fake_loss, self._draw(g)) for _ in range(self.ratio)]
-        lg = self._update(self.gen, self.opt_g, self._gen_loss, self._draw(g))
-        lg_v, lf_v = lg, torch.stack(f_losses).mean()
-        if self.acc is not None: lg_v, lf_v = self.acc.reduce(lg_v, "mean"), self.acc.reduce(lf_v, "mean")
-        out = {"dm": float(lg_v), "fake": float(lf_v), "target": self.index}
-        self.set_target(self.switch.update(out["dm"]))
-        return out
-
-    @torch.no_grad()
-    def sample(self, z:Tensor)->Tensor:
-        "One-step samples G(z) of the current generator."
-        self._gen_core.eval()
-        try: return one_step(self._gen_core, z.to(self.device), self.t_star).cpu()
-        finally: self._gen_core.train()
-
-    def modules(self)->dict: return {"generator": self._gen_core, "fake": self._fake_core}
-    def optimizers(self)->dict: return {"opt_g": self.opt_g, "opt_f": self.opt_f}
-    def extra(self)->dict: return {"index": self.index, "switch": self.switch.state_dict(), "mode": self.mode}
-    def restore(self, extra:dict):
-        "Continue at the saved path node (after `Checkpointer.load` restored the weights)."
-        if extra.get("mode", self.mode) != self.mode:
-            raise CheckpointError(f"the checkpoint was written by a {extra['mode']!r} run, this run is {self.mode!r}; use another output directory")
-        self.switch.load_state_dict(extra["switch"]); self.set_target(int(extra["index"]))
 
 # %% ../nbs/20_disback.ipynb #4ab27589
 def distill(sd:ScoreDistiller,             # the configured distiller (fresh, or to be resumed from `ckpt`)
@@ -415,9 +444,9 @@ def sample_teacher(model:nn.Module, z:Tensor, steps:int=50, clip:float|None=1.0)
     return sample_ddim(model, z.shape, steps, x=z, clip=clip, clipped_eps=True)
 
 # %% ../nbs/20_disback.ipynb #c02f0632
-def ring_eval(n:int=4000, seed:int=1234):
-    "eval_fn for the ring: SW-2 between n one-step samples (fixed noise) and n ring points."
-    z, data = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed)), eight_gaussians(n, seed=321)
+def ring_eval(n:int=4000, seed:int=1234, data_seed:int=321):
+    "eval_fn for the ring: SW-2 between n one-step samples (noise fixed by `seed`) and n ring points (drawn with `data_seed`)."
+    z, data = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed)), eight_gaussians(n, seed=data_seed)
     return lambda sd: {"sw": sliced_wasserstein(sd.sample(z), data)}
 
 def digits_eval(clf:FeatureClassifier, n:int=1000, seed:int=1234):
@@ -499,6 +528,29 @@ def run_method(bed:str, mode:Mode, seed:int=0, path_kw:dict|None=None, **kw)->di
     out = {**h, "wall_s": round(time.time() - t0, 2), "config": {**cfg, "iters": iters, "path": path_cfg if path else None}, "sd": sd}
     _RUNS[key] = out; return out
 
+# %% ../nbs/20_disback.ipynb #972d49c3
+RING_V2 = dict(iters=1000, eval_every=25, lr_g=3e-5, lr_f=1e-3, ratio=5, batch_size=256, K=12, switch="fixed",
+               path=dict(n_nodes=5, every=10, lr=3e-4, batch_size=256), key="sw", tail=0.2, tol=0.05)
+
+def path_iterations(cfg:dict)->dict:
+    "Recording steps (N × every), walk-back iterations ((N − 1) × K) and their share of the budget `iters`."
+    p = cfg["path"]; rec, walk = p["n_nodes"] * p["every"], (p["n_nodes"] - 1) * cfg["K"]
+    return {"recording": rec, "walk_back": walk, "share": (rec + walk) / cfg["iters"]}
+
+def seed_teacher(seed:int, steps:int|None=None)->EpsMLP:
+    "The ring teacher of `seed`: `RING_TEACHER` trained with that seed (`steps` shortens it, for tests)."
+    return ring_teacher(dict(RING_TEACHER, seed=seed, **({} if steps is None else {"steps": steps})))
+
+def ring_seed_run(args:tuple)->dict:
+    "One (seed, mode, cfg) ring run: the seed sets the teacher (hence G⁰), the path, every draw and the evaluation noise."
+    seed, mode, cfg = args; t = seed_teacher(seed, cfg.get("teacher_steps"))
+    path = None if mode == "baseline" else record_degradation(t, t, seed=seed, **cfg["path"])
+    kw = {k: v for k, v in cfg.items() if k not in ("path", "key", "iters", "eval_every", "tail", "tol", "teacher_steps")}
+    t0 = time.time(); sd = ScoreDistiller(t, path, mode, seed=seed, **kw)
+    h = distill(sd, cfg["iters"], ring_eval(seed=10_000 + seed, data_seed=20_000 + seed), cfg["eval_every"])
+    return {"curve": h["curve"], "target": h["target"], "fake": [round(float(x), 6) for x in h["fake"][:100]],
+            "wall_s": round(time.time() - t0, 2)}
+
 # %% ../nbs/20_disback.ipynb #1fed66d9
 def _plt():
     import matplotlib; import matplotlib.pyplot as plt; return plt
@@ -515,32 +567,83 @@ def _spearman(v)->float:
     from scipy.stats import spearmanr
     return float(spearmanr(np.arange(len(v)), v).statistic)
 
-@experiment("disback", "ring_path", "D1: the degradation path moves monotonically from the data to G0 (2-D ring)")
-def ring_path_experiment(scale:str="quick", seeds:list[int]|None=None, n:int=4000)->Record:
-    "Path monotonicity on the 2-D ring: SW of each node's samples to the data and to G0's samples, several seeds."
-    seeds = list(seeds if seeds is not None else [0, 1, 2]); t = ring_teacher(); data = eight_gaussians(n, seed=321)
-    prof = {s: path_profile(bed_path("ring", s), t, data, sliced_wasserstein, n=n, seed=100 + s) for s in seeds}
-    rho = {s: _spearman(p["to_data"]) for s, p in prof.items()}
-    ratio = {s: p["to_g0"][-1] / p["to_g0"][0] for s, p in prof.items()}
-    checks = {"Spearman(i, SW to data) >= 0.8 on every seed": all(r >= 0.8 for r in rho.values()),
-              "SW(s'_N, G0) < 0.5 SW(s'_0, G0) on every seed": all(r < 0.5 for r in ratio.values())}
-    plt = _plt(); fig, ax = plt.subplots(1, 2, figsize=(8, 3))
-    for s, p in prof.items():
-        ax[0].plot(p["to_data"], "o-", label=f"seed {s}"); ax[1].plot(p["to_g0"], "o-", label=f"seed {s}")
-    ax[0].set(xlabel="path node i", ylabel="SW(samples of s'_i, data)", title="away from the data")
-    ax[1].set(xlabel="path node i", ylabel="SW(samples of s'_i, G0)", title="toward G0"); ax[0].legend(fontsize=8); plt.close(fig)
-    fmt = lambda d: ", ".join(f"{v:.2f}" for v in d.values())
+# %% ../nbs/20_disback.ipynb #904a4396
+PATH_PROFILE_STEPS = 50   # DDIM steps to sample a node (8 shrinks G⁰-like blobs: see the prose)
+
+def _overshoot(t:nn.Module, seed:int, data:Tensor, g0_x:Tensor, n:int)->dict:
+    "SW to the data and to G⁰ of the end node of the lr-10⁻³ path and of the legacy path, sampled with 8 and 50 steps."
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(300 + seed)); out = {}
+    for name, kw in (("lr 1e-3", dict(RING_V2["path"], lr=1e-3)), ("legacy 10x25 lr 1e-4", dict(n_nodes=10, every=25, lr=1e-4, batch_size=256))):
+        end = record_degradation(t, t, seed=seed, **kw).model(-1)
+        for st in (8, PATH_PROFILE_STEPS):
+            s = sample_ddim(end, None, st, x=z); out[f"{name}, {st} steps"] = {"to_data": sliced_wasserstein(s, data), "to_g0": sliced_wasserstein(s, g0_x)}
+    return out
+
+def _path_seed(args:tuple)->dict:
+    "One seed of ring_path: the profile of its RING_V2 path at 50 and 8 steps, G⁰'s SW to the data, and the overshoot diagnosis."
+    seed, n, teacher_steps, diagnose = args
+    t = seed_teacher(seed, teacher_steps); data = eight_gaussians(n, seed=20_000 + seed)
+    path = record_degradation(t, t, seed=seed, **RING_V2["path"])
+    prof = {st: path_profile(path, t, data, sliced_wasserstein, n=n, steps=st, seed=100 + seed) for st in (PATH_PROFILE_STEPS, 8)}
+    g0_x = one_step(t, torch.randn(n, 2, generator=torch.Generator().manual_seed(200 + seed)))
+    out = {"profile": prof[PATH_PROFILE_STEPS], "profile_8": prof[8], "g0_to_data": sliced_wasserstein(g0_x, data)}
+    return out | ({"overshoot": _overshoot(t, seed, data, g0_x, n)} if diagnose else {})
+
+# %% ../nbs/20_disback.ipynb #32938012
+def _ring_path_checks(res:list, pil:list, pro:dict)->dict:
+    "Primary: no overshoot (end vs G⁰, to the data); secondary: monotone; guards: a good teacher, an end near G⁰; seeds gate."
+    end, g0 = [r["profile"]["to_data"][-1] for r in res], [r["g0_to_data"] for r in res]
+    rho = [_spearman(r["profile"]["to_data"]) for r in res]; a = pro["alpha"]
+    pd = [r["profile"]["to_data"][-1] - r["g0_to_data"] for r in pil]
+    return {
+        "the path ends at G⁰ without overshooting it (SW to the data, end − G⁰ < margin)":
+            claim_test(sign_flip_test(end, g0, "less", margin=pro["sesoi"], alpha=a), primary=True, unit="SW"),
+        "the path is monotone (Spearman ρ of node index vs SW to the data > 0)":
+            claim_test(sign_flip_test(rho, np.zeros(len(rho)), "greater", alpha=a), unit="ρ"),
+        "node 0 (the teacher) is closer to the data than G⁰ on every seed":
+            guard(all(r["profile"]["to_data"][0] < r["g0_to_data"] for r in res), "a teacher worth distilling"),
+        "SW(s'_N, G⁰) < 0.5 SW(s'_0, G⁰) on every seed": guard(all(r["profile"]["to_g0"][-1] < 0.5 * r["profile"]["to_g0"][0] for r in res),
+            "the path reaches G⁰", value=max(r["profile"]["to_g0"][-1] / r["profile"]["to_g0"][0] for r in res), threshold=0.5),
+        "min. detectable effect": seeds_gate(float(np.std(pd, ddof=1)), len(res), pro["sesoi"], a, pro["power"], unit="SW"),
+    }
+
+def _ring_path_figure(res:list, seeds:list):
+    "SW of each node's samples to the data and to G⁰ (50 steps solid, 8 dashed), per seed, with G⁰'s own SW to the data."
+    plt = _plt(); fig, ax = plt.subplots(1, 2, figsize=(8.5, 3.2))
+    for j, (s, r) in enumerate(zip(seeds, res)):
+        for k, (p, ls) in enumerate(((r["profile"], "-"), (r["profile_8"], "--"))):
+            lab = (f"{PATH_PROFILE_STEPS} steps" if k == 0 else "8 steps") if j == 0 else None
+            ax[0].plot(p["to_data"], ls, color=f"C{k}", alpha=0.5, lw=1, label=lab); ax[1].plot(p["to_g0"], ls, color=f"C{k}", alpha=0.5, lw=1)
+    ax[0].axhline(np.mean([r["g0_to_data"] for r in res]), color="k", ls=":", label="G⁰ (one step), mean")
+    ax[0].set(xlabel="path node i", ylabel="SW(samples of s'_i, data)", title="away from the data"); ax[0].legend(fontsize=7)
+    ax[1].set(xlabel="path node i", ylabel="SW(samples of s'_i, G⁰)", title="toward G⁰"); plt.close(fig)
+    return fig
+
+# %% ../nbs/20_disback.ipynb #cdad369f
+@experiment("disback", "ring_path", "D1: the degradation path goes from the teacher to G0 without overshooting (2-D ring, seeded teachers)", min_seeds=2)
+def ring_path_experiment(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, n:int=4000,
+                         teacher_steps:int|None=None, diagnose:bool=True)->Record:
+    "Path profile on the 2-D ring: SW of each node's samples to the data and to G⁰, paired over seeded teachers, as pre-registered."
+    pro = protocol("disback", "ring_path")
+    seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ConfigError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}; use separate pilot seeds")
+    out = run_parallel(_path_seed, [(s, n, teacher_steps, diagnose and s in seeds) for s in seeds + pilot_seeds], desc="ring path")
+    res, pil = out[:len(seeds)], out[len(seeds):]
+    checks = _ring_path_checks(res, pil, pro); c = next(iter(checks.values()))
+    f3 = lambda v: ", ".join(f"{x:.3f}" for x in v)
     return Record("disback", "ring_path",
-        claim="Degradation recording yields a path of checkpoints from the teacher (s'_0) to a model of the initial generator G0 (s'_N) (Algorithm 1, Fig. 3).",
-        metrics={"profiles": {str(s): p for s, p in prof.items()}, "spearman": {str(s): v for s, v in rho.items()},
-                 "end_to_start_g0": {str(s): v for s, v in ratio.items()}},
-        checks=checks, seeds=seeds, scale=scale,
-        summary=f"Spearman ρ {fmt(rho)}; SW(s'_N,G0)/SW(s'_0,G0) {fmt(ratio)} (seeds {seeds})",
-        paper_summary="qualitative (Fig. 3 caption [paper]); digest pilot: ρ = 1.00, 0.98; ratios 0.20, 0.18 [pilot]",
-        config={"path": BEDS["ring"]["path"], "teacher": RING_TEACHER, "n": n, "sampler": "8 trailing DDIM steps"},
-        table=[{"seed": s, "SW to data, node 0 → N": f"{p['to_data'][0]:.3f} → {p['to_data'][-1]:.3f}",
-                "SW to G0, node 0 → N": f"{p['to_g0'][0]:.3f} → {p['to_g0'][-1]:.3f}", "ρ": rho[s], "ratio": ratio[s]}
-               for s, p in prof.items()], figs={"profile": fig})
+        claim="Degradation recording yields a path of checkpoints from the teacher (s'_0) to a model of the initial generator G0 (s'_N), the intermediate distributions between them (Algorithm 1, Fig. 3).",
+        metrics={"per_seed": res, "pilot": pil, "spearman": [_spearman(r["profile"]["to_data"]) for r in res]},
+        checks=checks, seeds=seeds, scale=scale, protocol=pro, protocol_hash=config_hash(pro),
+        summary=f"SW to the data, end node {f3([r['profile']['to_data'][-1] for r in res])} vs G⁰ {f3([r['g0_to_data'] for r in res])}; "
+                f"end − G⁰ {c.effect:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}], p = {c.p:.3g} ({PATH_PROFILE_STEPS}-step sampler)",
+        paper_summary="qualitative (Fig. 3 caption [paper]): the path's nodes are the intermediate distributions from the teacher to the student",
+        config={"path": RING_V2["path"], "teacher": RING_TEACHER | {"seed": "= seed"}, "n": n, "sampler": f"{PATH_PROFILE_STEPS} (and 8) trailing DDIM steps",
+                "pilot_seeds": pilot_seeds, "teacher_steps": teacher_steps},
+        table=[{"seed": s, "SW to data, node 0 → N": f"{r['profile']['to_data'][0]:.3f} → {r['profile']['to_data'][-1]:.3f}",
+                "G⁰ to data": r["g0_to_data"], "8 steps: node N to data": r["profile_8"]["to_data"][-1],
+                "SW to G⁰, node 0 → N": f"{r['profile']['to_g0'][0]:.3f} → {r['profile']['to_g0'][-1]:.3f}"} for s, r in zip(seeds, res)],
+        figs={"profile": _ring_path_figure(res, seeds)})
 
 # %% ../nbs/20_disback.ipynb #3ba97037
 def _mean_curve(runs:list[dict], key:str):
@@ -628,21 +731,114 @@ def convergence_record(bed:str, name:str, modes:tuple, seeds:list[int], scale:st
 # %% ../nbs/20_disback.ipynb #ff11d933
 CLAIM = "DisBack (fake score from the path end, target walked back along the path) converges faster than the same score distillation without the path, and ends at least as good."
 
-@experiment("disback", "ring_convergence", "D1: baseline vs DisBack convergence on the 2-D ring (SW-2)")
-def ring_convergence_experiment(scale:str="quick", seeds:list[int]|None=None, **kw)->Record:
-    "Baseline vs DisBack on the 2-D ring, paired seeds."
-    return convergence_record("ring", "ring_convergence", ("baseline", "disback"), list(seeds if seeds is not None else [0, 1, 2]), scale, CLAIM, **kw)
-
 @experiment("disback", "digits_convergence", "D2: baseline vs DisBack vs fake-init-only on 8x8 digits (pixel-FD, classifier-FD)")
 def digits_convergence_experiment(scale:str="quick", seeds:list[int]|None=None, **kw)->Record:
     "Baseline vs DisBack vs fake-init only on digits, paired seeds."
     return convergence_record("digits", "digits_convergence", ("baseline", "disback", "fake_init"), list(seeds if seeds is not None else [0, 1, 2]), scale, CLAIM, **kw)
 
-def claim_test(rec:Record, method:str="disback")->dict:
-    "Digest test 4 on a convergence record: non-inferiority at the end (the only thing to assert) and the speed ratios (recorded)."
+def noninferior_at_end(rec:Record, method:str="disback")->dict:
+    "Digest test 4 on a legacy convergence record: non-inferiority at the end (the only thing to assert) and the speed ratios (recorded)."
     m = rec.metrics; fb, fo, margin = float(np.mean(m["final"]["baseline"])), float(np.mean(m["final"][method])), 2 * float(m["baseline_sd"])
     return {"non_inferior": fo <= fb + margin, "final_baseline": fb, f"final_{method}": fo, "margin_2sd": margin,
             "speed_ratio": [round(x, 2) for x in m["speed_ratio"][method]], "seeds": list(rec.seeds)}
+
+# %% ../nbs/20_disback.ipynb #542fceb7
+def charged(curve:list[dict], shift:int)->list[dict]:
+    "The curve on a clock that also counts `shift` recording steps: G⁰'s value (the curve at 0) is held until then."
+    if shift <= 0: return list(curve)
+    return [dict(curve[0])] + [{**c, "iter": c["iter"] + shift} for c in curve]
+
+def smoothed(curve:list[dict], key:str, w:int=3)->list[dict]:
+    "The trailing mean of `key` over the last `w` evaluations (fewer at the start)."
+    v = [c[key] for c in curve]
+    return [{**c, key: float(np.mean(v[max(0, i - w + 1):i + 1]))} for i, c in enumerate(curve)]
+
+def window_mean(curve:list[dict], key:str, lo:float, hi:float)->float:
+    "Mean of `key` over the evaluations with lo <= iter <= hi."
+    v = [c[key] for c in curve if lo <= c["iter"] <= hi]
+    if not v: raise ConfigError(f"no evaluation between iterations {lo:g} and {hi:g}; evaluate more often (eval_every)")
+    return float(np.mean(v))
+
+def seed_speed(base:list[dict], other:list[dict], key:str, budget:int, shift:int=0, tol:float=0.05, w:int=3)->dict:
+    "τ = (1 + tol) × the baseline's best smoothed value; both arms' times to τ on smoothed curves (censored at the budget), areas."
+    sb, so = smoothed(base, key, w), charged(smoothed(other, key, w), shift)
+    tau = (1 + tol) * min(c[key] for c in sb if c["iter"] <= budget)
+    xy = lambda c: ([r["iter"] for r in c], [r[key] for r in c])
+    tb, to = time_to_threshold(*xy(sb), tau, budget), time_to_threshold(*xy(so), tau, budget)
+    return {"tau": tau, "t_base": tb.time, "t_other": to.time, "reached_base": tb.reached, "reached_other": to.reached,
+            "area_base": curve_area(*xy(base), budget), "area_other": curve_area(*xy(charged(other, shift)), budget)}
+
+# %% ../nbs/20_disback.ipynb #e2610c0e
+def _ring_speed(runs:dict, cfg:dict)->dict:
+    "`seed_speed` of every non-baseline arm against the baseline, per seed, recording 'charged' and 'free' (not charged)."
+    B, key, R = cfg["iters"], cfg["key"], path_iterations(cfg)["recording"]
+    return {f"{m} {acc}": [seed_speed(b["curve"], r["curve"], key, B, R if acc == "charged" else 0, cfg["tol"]) for b, r in zip(runs["baseline"], runs[m])]
+            for m in runs if m != "baseline" for acc in ("charged", "free")}
+
+def _ring_convergence_checks(runs:dict, pilot:dict, cfg:dict, pro:dict)->tuple[dict, dict]:
+    "The record's checks (four claims, two guards, two power gates) and the measurements behind them."
+    sp, pil, B, key, a = _ring_speed(runs, cfg), _ring_speed(pilot, cfg), cfg["iters"], cfg["key"], pro["alpha"]
+    faster = lambda k, p=False: claim_test(sign_flip_test([x["t_base"] for x in sp[k]], [x["t_other"] for x in sp[k]], "greater", alpha=a),
+                                           primary=p, unit="iterations")
+    fin = {m: [window_mean(r["curve"], key, (1 - cfg["tail"]) * B, B) for r in runs[m]] for m in runs}
+    drop = [window_mean(r["curve"], key, 0.7 * B, 0.8 * B) - window_mean(r["curve"], key, 0.9 * B, B) for r in runs["baseline"]]
+    pd, walk = [x["t_base"] - x["t_other"] for x in pil["disback charged"]], path_iterations(cfg)["walk_back"]
+    checks = {"DisBack reaches the baseline's best quality sooner (recording charged)": faster("disback charged", True),
+              "DisBack reaches it sooner (recording not charged)": faster("disback free"),
+              "DisBack's final is non-inferior (DisBack − baseline < margin)":
+                  claim_test(sign_flip_test(fin["disback"], fin["baseline"], "less", margin=pro["margin"], alpha=a), unit="SW"),
+              "fake-init only reaches it sooner (recording charged)": faster("fake_init charged"),
+              "every run learns (best smoothed SW < 0.8 × G⁰'s)": guard(all(min(c[key] for c in smoothed(r["curve"], key)) < 0.8 * r["curve"][0][key]
+                                                                for rs in runs.values() for r in rs)),
+              "DisBack's target reaches the teacher after the walk-back": guard(all(r["target"].index(0) == walk for r in runs["disback"]), value=walk),
+              "min. detectable effect": seeds_gate(float(np.std(pd, ddof=1)), len(fin["baseline"]), pro["sesoi"], a, pro["power"], unit="iterations"),
+              "the baseline has plateaued (last-20 % gain <= its seed sd)": power_gate(float(np.mean(drop)), float(np.std(fin["baseline"], ddof=1)),
+                  at_most=True, unit="SW", note="mean SW over 70–80 % of the budget minus over 90–100 %, vs the sd of the baseline's finals")}
+    gehan = {k: gehan_scores(*zip(*[(x["t_other"], x["reached_other"], x["t_base"], x["reached_base"]) for x in v])).tolist() for k, v in sp.items()}
+    return checks, {"speed": sp, "pilot_speed": pil, "final": fin, "baseline_gain_last_20pct": drop, "gehan": gehan}
+
+# %% ../nbs/20_disback.ipynb #47461eaf
+def _ring_convergence_figure(runs:dict, cfg:dict, m:dict):
+    "Seed-mean curves of the three arms (each seed faint), DisBack's on the charged clock (dashed), τ and the walk-back's end."
+    plt, key, R = _plt(), cfg["key"], path_iterations(cfg)["recording"]; fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (mode, rs) in enumerate(runs.items()):
+        for r in rs: ax.plot([c["iter"] for c in r["curve"]], [c[key] for c in r["curve"]], color=f"C{i}", alpha=0.15, lw=0.7)
+        ax.plot(*_mean_curve(rs, key), color=f"C{i}", lw=2, label=f"{mode} (mean of {len(rs)})")
+    its, v = _mean_curve(runs["disback"], key); ax.plot(np.asarray(its) + R, v, "--", color="C1", lw=1.2, label="DisBack, recording charged")
+    ax.axhline(np.mean([x["tau"] for x in m["speed"]["disback charged"]]), color="k", ls=":", lw=0.8, label="τ (mean)")
+    ax.axvline(path_iterations(cfg)["walk_back"], color="C1", ls=":", lw=0.8, label="DisBack target = teacher")
+    ax.set(xlabel="distillation iteration", ylabel=f"{key} (lower is better)", xlim=(0, cfg["iters"]), title="ring: one-step generator quality")
+    ax.set_ylim(top=float(np.mean([r["curve"][0][key] for r in runs["baseline"]])) * 1.05); ax.legend(fontsize=7); plt.close(fig)
+    return fig
+
+# %% ../nbs/20_disback.ipynb #dcf8c364
+@experiment("disback", "ring_convergence", "D1: baseline vs DisBack vs fake-init only on the 2-D ring: budget-fair, seeded teachers, censored speed", min_seeds=2)
+def ring_convergence_experiment(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, **kw)->Record:
+    "Time to the baseline's best quality, paired over seeded teachers, both accountings, as pre-registered (`kw` overrides RING_V2)."
+    pro, cfg = protocol("disback", "ring_convergence"), {**RING_V2, **kw}
+    seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ConfigError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}; use separate pilot seeds")
+    modes = ("baseline", "disback", "fake_init")
+    items = [(s, md, cfg) for s in seeds for md in modes] + [(s, md, cfg) for s in pilot_seeds for md in modes[:2]]
+    res = dict(zip([(s, md) for s, md, _ in items], run_parallel(ring_seed_run, items, desc="ring run")))
+    runs = {md: [res[s, md] for s in seeds] for md in modes}; pilot = {md: [res[s, md] for s in pilot_seeds] for md in modes[:2]}
+    checks, m = _ring_convergence_checks(runs, pilot, cfg, pro); c = next(iter(checks.values()))
+    m |= {"curves": {md: [r["curve"] for r in rs] for md, rs in runs.items()}, "pilot_curves": {md: [r["curve"] for r in rs] for md, rs in pilot.items()},
+          "fake_loss_windows": {md: fake_loss_windows([r["fake"] for r in rs]) for md, rs in runs.items()},
+          "wall_s": {md: [r["wall_s"] for r in rs] for md, rs in runs.items()}, "path_iterations": path_iterations(cfg),
+          "baseline_best_iter": [min(smoothed(r["curve"], cfg["key"]), key=lambda c: c[cfg["key"]])["iter"] for r in runs["baseline"]]}
+    ms, cens = lambda v: mean_std(v, ".3f"), lambda k: sum(not x["reached_other"] for x in m["speed"][k])
+    return Record("disback", "ring_convergence", claim=CLAIM, metrics=m, checks=checks, seeds=seeds, scale=scale,
+        protocol=pro, protocol_hash=config_hash(pro),
+        summary=f"baseline − DisBack time to τ (recording charged) {c.effect:+.0f} iterations [{c.lo:+.0f}, {c.hi:+.0f}], p = {c.p:.3g}, "
+                f"DisBack censored on {cens('disback charged')}/{len(seeds)} seeds; final SW baseline {ms(m['final']['baseline'])}, "
+                f"DisBack {ms(m['final']['disback'])}, fake-init {ms(m['final']['fake_init'])}",
+        paper_summary="faster and better convergence than the baseline [abs]; speed-ups 2.46× FFHQ64, 13.09× CIFAR-10, 2.57× ImageNet64 (secondary summary, unverified)",
+        config=cfg | {"teacher": RING_TEACHER | {"seed": "= seed"}, "pilot_seeds": pilot_seeds, "eval": "4000 samples, noise seed 10000 + seed, ring points seed 20000 + seed"},
+        table=[{"arm": md, "final SW": ms(m["final"][md]),
+                **({} if md == "baseline" else {f"time to τ, {acc}": ms([x["t_other"] for x in m["speed"][f"{md} {acc}"]]) for acc in ("charged", "free")}),
+                "censored (charged)": "" if md == "baseline" else cens(f"{md} charged")} for md in modes],
+        figs={"curves": _ring_convergence_figure(runs, cfg, m)})
 
 # %% ../nbs/20_disback.ipynb #7f518d38
 @torch.no_grad()
@@ -657,12 +853,11 @@ def _ring_direction_cos(sd:ScoreDistiller, n:int=2048, seed:int=0)->float:
     near = centres[torch.cdist(x0, centres).argmin(1)] - x0
     return float(F.cosine_similarity(push, near, dim=1).mean())
 
-def initial_direction_cos(seed:int=0, **kw)->dict:
+def initial_direction_cos(teacher:nn.Module, path:DegradationPath, seed:int=0, cfg:dict=RING_V2)->dict:
     "Ring: the cosine above for the baseline and for DisBack after their first iteration's fake updates."
-    t, out = ring_teacher(), {}
+    out, kw = {}, {k: v for k, v in cfg.items() if k not in ("path", "key", "iters", "eval_every", "tail", "tol", "teacher_steps")}
     for mode in ("baseline", "disback"):
-        cfg = {k: v for k, v in BEDS["ring"].items() if k not in ("path", "key", "iters", "eval_every")} | kw
-        sd = ScoreDistiller(t, None if mode == "baseline" else bed_path("ring", seed), mode, seed=seed, **cfg)
+        sd = ScoreDistiller(teacher, None if mode == "baseline" else path, mode, seed=seed, **kw)
         g = step_generator(seed, 0)                          # the first iteration's fake updates only
         for _ in range(sd.ratio):
             z, tt, eps = sd._draw(g)
@@ -670,29 +865,41 @@ def initial_direction_cos(seed:int=0, **kw)->dict:
         out[mode] = _ring_direction_cos(sd, seed=seed)
     return out
 
+def _mechanism_seed(args:tuple)->dict:
+    "One seed: its teacher and RING_V2 path; the initial fake scores' losses on G⁰'s samples and the first push's cosines."
+    seed, n, teacher_steps = args; t = seed_teacher(seed, teacher_steps); path = record_degradation(t, t, seed=seed, **RING_V2["path"])
+    return {"loss": fake_init_losses({"baseline": t, "disback": path.model(-1)}, t, n=n, seed=1000 + seed),
+            "cos": initial_direction_cos(t, path, seed)}
+
 # %% ../nbs/20_disback.ipynb #5021b12e
-@experiment("disback", "mechanism", "paper §5.3: at iteration 0 the path end fits G0's samples better than the teacher (paired)")
-def mechanism_experiment(scale:str="quick", seeds:list[int]|None=None, beds:tuple=("ring", "digits"), n:int=4096)->Record:
-    "Fake-score denoising loss on G0's samples at iteration 0: teacher (baseline) vs path end (DisBack), same draws."
-    seeds = list(seeds if seeds is not None else [0, 1, 2]); out, rows = {}, []
-    for bed in beds:
-        t = bed_teacher(bed); out[bed] = []
-        for s in seeds:
-            l = fake_init_losses({"baseline": t, "disback": bed_path(bed, s).model(-1)}, t, n=n, seed=1000 + s)
-            out[bed].append(l); rows.append({"bed": bed, "seed": s, "baseline (teacher)": l["baseline"], "DisBack (s'_N)": l["disback"],
-                                            "reduction %": 100 * (1 - l["disback"] / l["baseline"])})
-    checks = {f"{bed}: DisBack's initial fake score has the lower loss on every seed": all(l["disback"] < l["baseline"] for l in out[bed]) for bed in beds}
-    red = {bed: [100 * (1 - l["disback"] / l["baseline"]) for l in out[bed]] for bed in beds}
-    cos = [initial_direction_cos(s) for s in seeds] if "ring" in beds else []
-    cs = {m: ", ".join(f"{c[m]:.2f}" for c in cos) for m in ("baseline", "disback")}
-    dirs = (f"; ring, cosine of the first push with the direction to the nearest mode (reported, not asserted): "
-            f"baseline {cs['baseline']}, DisBack {cs['disback']}") if cos else ""
+@experiment("disback", "mechanism", "paper §5.3: the path end fits G0 (guard); DisBack's first push is better aimed at the data (claim, ring)", min_seeds=2)
+def mechanism_experiment(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, n:int=4096,
+                         teacher_steps:int|None=None)->Record:
+    "Iteration 0 on the ring, paired over seeded teachers: fake-score losses on G⁰'s samples (guard) and the first push's aim (claim)."
+    pro = protocol("disback", "mechanism")
+    seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ConfigError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}; use separate pilot seeds")
+    out = run_parallel(_mechanism_seed, [(s, n, teacher_steps) for s in seeds + pilot_seeds], desc="mechanism seed")
+    res, pil = out[:len(seeds)], out[len(seeds):]; a = pro["alpha"]
+    cos = {m: [r["cos"][m] for r in res] for m in ("baseline", "disback")}
+    red = [100 * (1 - r["loss"]["disback"] / r["loss"]["baseline"]) for r in res]
+    checks = {"DisBack's first push is better aimed at the data (cosine, DisBack − baseline > 0)":
+                  claim_test(sign_flip_test(cos["disback"], cos["baseline"], "greater", alpha=a), primary=True, unit="cos"),
+              "the path end fits G⁰'s samples better than the teacher on every seed (by construction)":
+                  guard(all(r["loss"]["disback"] < r["loss"]["baseline"] for r in res), value=min(red), threshold=0., unit="% loss reduction"),
+              "min. detectable effect": seeds_gate(float(np.std([r["cos"]["disback"] - r["cos"]["baseline"] for r in pil], ddof=1)),
+                                                   len(res), pro["sesoi"], a, pro["power"], unit="cos")}
+    c = checks[next(iter(checks))]; f2 = lambda v: ", ".join(f"{x:.2f}" for x in v)
     return Record("disback", "mechanism",
-        claim="At the start of distillation the baseline's fake score (the teacher) mismatches the generator's samples; DisBack's (the path end) fits them (paper §5.3).",
-        metrics={"losses": out, "reduction_pct": red, "ring_direction_cos": cos}, checks=checks, seeds=seeds, scale=scale,
-        summary="; ".join(f"{bed}: loss reduction {', '.join(f'{v:.1f}' for v in red[bed])} % (teacher {np.mean([l['baseline'] for l in out[bed]]):.4f} → path end {np.mean([l['disback'] for l in out[bed]]):.4f})" for bed in beds) + dirs,
-        paper_summary="paper §5.3 numbers: [gap] (paper body not consulted)", table=rows,
-        config={"n": n, "t_range": [20, 980], "paths": {b: BEDS[b]["path"] for b in beds}})
+        claim="At the start of distillation the baseline's fake score (the teacher) mismatches the generator's samples; DisBack's (the path end) fits them, so its first updates point the right way (paper §5.3).",
+        metrics={"per_seed": res, "pilot": pil, "reduction_pct": red, "cos": cos}, checks=checks, seeds=seeds, scale=scale,
+        protocol=pro, protocol_hash=config_hash(pro),
+        summary=f"ring: loss reduction on G⁰'s samples {f2(red)} %; first-push cosine baseline {f2(cos['baseline'])}, DisBack {f2(cos['disback'])}; "
+                f"DisBack − baseline {c.effect:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}], p = {c.p:.3g}",
+        paper_summary="paper §5.3 numbers: [gap] (paper body not consulted)",
+        table=[{"seed": s, "loss, teacher": r["loss"]["baseline"], "loss, s'_N": r["loss"]["disback"], "cos baseline": r["cos"]["baseline"],
+                "cos DisBack": r["cos"]["disback"]} for s, r in zip(seeds, res)],
+        config={"n": n, "t_range": [20, 980], "path": RING_V2["path"], "pilot_seeds": pilot_seeds, "teacher_steps": teacher_steps})
 
 # %% ../nbs/20_disback.ipynb #cb4066b7
 SWEEP = {
@@ -704,6 +911,16 @@ SWEEP = {
     "adaptive": dict(switch="adaptive", patience=20, max_per_node=60),
 }
 
+def _sweep_figure(base:list, res:dict, key:str, seeds:list):
+    "The baseline's and each variant's curve on the first seed."
+    plt = _plt(); fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([c["iter"] for c in base[0]["curve"]], [c[key] for c in base[0]["curve"]], "k-", lw=2.5, label="baseline")
+    for i, (name, r) in enumerate(res.items()):
+        ax.plot([c["iter"] for c in r["curves"][0]], [c[key] for c in r["curves"][0]], lw=1.2, label=name, color=f"C{i}")
+    ax.set(xlabel="iteration", ylabel=key, title="digits sweep (seed %d of %s)" % (seeds[0], seeds)); ax.legend(fontsize=6, ncol=2); plt.close(fig)
+    return fig
+
+# %% ../nbs/20_disback.ipynb #6d7cf0a1
 @experiment("disback", "digits_sweep", "D2 sweep: path lr, checkpoint spacing, K, switch rule, and fake-init only (digits)")
 def digits_sweep_experiment(scale:str="quick", seeds:list[int]|None=None, variants:dict|None=None, **kw)->Record:
     "One-at-a-time sweep of DisBack's knobs on digits, plus the fake-init-only ablation, each against the baseline."
@@ -724,11 +941,7 @@ def digits_sweep_experiment(scale:str="quick", seeds:list[int]|None=None, varian
     dis = [r for r in rows if r["mode"] == "disback"]; best = max(dis, key=lambda r: r["speed ratio"])
     checks = {"some DisBack variant is faster than the baseline (speed ratio > 1)": best["speed ratio"] > 1,
               "some DisBack variant has a lower AUC than the baseline": min(r["AUC"] for r in dis) < bauc}
-    plt = _plt(); fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([c["iter"] for c in base[0]["curve"]], [c[key] for c in base[0]["curve"]], "k-", lw=2.5, label="baseline")
-    for i, (name, r) in enumerate(res.items()):
-        ax.plot([c["iter"] for c in r["curves"][0]], [c[key] for c in r["curves"][0]], lw=1.2, label=name, color=f"C{i}")
-    ax.set(xlabel="iteration", ylabel=key, title="digits sweep (seed %d of %s)" % (seeds[0], seeds)); ax.legend(fontsize=6, ncol=2); plt.close(fig)
+    fig = _sweep_figure(base, res, key, seeds)
     return Record("disback", "digits_sweep", claim=CLAIM, metrics={"rows": rows, "variants": res, "baseline_curves": [b["curve"] for b in base]},
         checks=checks, seeds=seeds, scale=scale,
         summary=f"best DisBack variant '{best['variant']}' speed ratio {best['speed ratio']:.2f}; fake-init only {rows[-1]['speed ratio']:.2f}; "
@@ -803,6 +1016,7 @@ class DisBackFullConfig(Config):
     eval_n: int = 512                  # one-step samples per evaluation (fixed noise, drawn from the seed)
     eval_teacher_steps: int = 25       # DDIM steps of the 'teacher' reference
 
+# %% ../nbs/20_disback.ipynb #3461f3f9
 def tiny_unet(sample_size:int=8, seed:int=0):
     "A seeded 42 k-parameter `UNet2DModel` (random weights) for smoke tests of the launcher."
     from diffusers import UNet2DModel

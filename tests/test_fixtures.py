@@ -29,12 +29,11 @@ KNOWN_STALE = {
         "cold teacher's 8-step SW is 0.33 against the fixture's < 0.25); DisBack's legacy records were built on the fixture",
     "disback-digits-teacher-4b5023c1e83b.safetensors": "issue 17: max |Δw| 0.15, as above",
     **{f"hyper_sd-ring-teacher-{h}.safetensors": ("issue 20: max |Δw| 0.69-0.90 (1 and 2 threads agree: "
-                                                          "the builder changed); H1-H3's legacy records were built on the fixtures")
+                                                          "the builder changed); H3's legacy records were built on the fixtures")
        for h in ("0bf9bbe83e83", "330a40eda40a", "4dab8a861613")},
     "hyper_sd-digits-teacher-8a959bc0fc74.safetensors": "issue 20: max |Δw| 1.11, as above",
     **{f"hyper_sd-digits-{m}-lora-{h}.safetensors": "issue 20: LoRAs distilled from the stale digits teacher (max |Δw| 0.25-0.33)"
-       for m, h in (("cd", "a70f6a40ad8d"), ("cd", "f2edf56aa349"), ("cd", "ffe0c8494a31"),
-                    ("tscd", "6a4ce1483bc5"), ("tscd", "8d3f054b09ef"), ("tscd", "cb7a4da6b961"))},
+       for m, h in (("tscd", "6a4ce1483bc5"), ("tscd", "8d3f054b09ef"), ("tscd", "cb7a4da6b961"))},
 }
 
 def meta(p:Path)->tuple[str, object]:
