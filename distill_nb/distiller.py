@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 
 # %% auto #0
 __all__ = ['MAPPINGS', 'INTERMEDIATE', 'KD_LOSSES', 'AUGMENTERS', 'E1_ALPHAS', 'E1_MIS', 'TEACHER_LAYERS', 'STUDENTS', 'E2_ARMS',
-           'E2_CI_ARMS', 'E2_PAPER', 'E3_AUG', 'E4_INTER', 'E4_CONFIGS', 'GLUE_METRIC', 'AUTHORS_ETA2', 'log_loomean',
+           'E2_CI_ARMS', 'E2_PAPER', 'E3_AUG', 'E3_CELLS', 'E4_INTER', 'E4_CONFIGS', 'AUTHORS_ETA2', 'log_loomean',
            'log_loomean_masked', 'log_loomean_naive', 'logmeanexp_nodiag', 'interpolated_bound', 'mi_alpha_cap',
            'infonce_bound', 'tuba_bound', 'nwj_bound', 'SeparableCritic', 'MLPBaseline', 'sinusoidal_encoding',
            'TransformerCritic', 'MIAlphaLoss', 'layer_mapping', 'emd_flow', 'DistillerPipeline', 'DistillerLoss',
@@ -17,12 +17,10 @@ __all__ = ['MAPPINGS', 'INTERMEDIATE', 'KD_LOSSES', 'AUGMENTERS', 'E1_ALPHAS', '
            'mixup_params', 'mix_embeddings', 'mixup_inputs', 'check_labels', 'rho_for_mi', 'gaussian_pair',
            'train_mi_estimator', 'e1_mi_alpha', 'tweet_task', 'encode', 'linear_warmup', 'TweetTeacherConfig',
            'tweet_teacher', 'masked_mean', 'teacher_outputs', 'target_variation', 'bert_student', 'eval_accuracy',
-           'compact_vocab', 'distill_bert', 'e2_runs', 'e2_objectives', 'augmented_teacher_logits', 'e3_augmentation',
-           'MLPNet', 'meta_tasks', 'config_features', 'mlp_teacher', 'mlp_distill', 'meta_dataset',
+           'compact_vocab', 'distill_bert', 'e2_runs', 'e2_objectives', 'augmented_teacher_logits', 'e3_runs',
+           'e3_augmentation', 'MLPNet', 'meta_tasks', 'config_features', 'mlp_teacher', 'mlp_distill', 'meta_dataset',
            'autodistiller_loto', 'mean_meta_dataset', 'e4_kept', 'task_preference', 'e4_autodistiller',
-           'GlueDistillConfig', 'ModelMissingError', 'glue_metrics', 'glue_score', 'GlueData', 'glue_data',
-           'glue_teacher', 'glue_predict', 'glue_evaluate', 'TeacherCheckError', 'check_teacher', 'glue_distill',
-           'write_synthetic_glue', 'distiller_benchmark', 'show_distiller_results', 'factor_shares']
+           'distiller_benchmark', 'show_distiller_results', 'factor_shares']
 
 # %% ../nbs/10_distiller.ipynb #7e786418
 import numpy as np
@@ -35,7 +33,6 @@ from .kd import kd_ce, kd_mse, hard_ce, hidden_mse, hidden_ce, cosine_loss, pkd_
 from .records import (Record, experiment, benchmark, claim, claim_test, guard, power_gate, seeds_gate, protocol,
                                 run_parallel)
 from .stats import sign_flip_test
-from .launch import launcher, make_accelerator, split_batch, freeze, StepLoader, accumulation_step
 
 # %% ../nbs/10_distiller.ipynb #18bd1e0d
 def _check_square(scores:Tensor, fn:str):
@@ -839,61 +836,106 @@ def augmented_teacher_logits(n:int=4000, cfg:TweetTeacherConfig=TweetTeacherConf
     return copies, src, cached_tensors("distiller-tweets-aug-logits", key, make)["logits"]
 
 # %% ../nbs/10_distiller.ipynb #b36e250f
-@experiment("distiller", "e3_augmentation", "augmentation x data size x student size (teacher re-labels the copies)", ci=False)
-def e3_augmentation(scale:str="quick", seeds:list[int]|None=None, n_trains:Sequence[int]=(250, 4000),
-                    students:Sequence[str]=("L2-H128", "L4-H256"), steps:int=100, lr:float=5e-4)->Record:
-    "E3: gain from teacher-relabelled augmentation by training-set size and student size."
+E3_CELLS = (("L2-H128", 250), ("L2-H128", 1000))   # (student, n_train); the primary cell first
+
+@functools.lru_cache(maxsize=1)
+def _e3_data(n_max:int=1000):
+    "Clean and augmented tokens of the first n_max tweets, the teacher's logits on both, the copies' sources, the test set, one vocabulary."
     from transformers import AutoTokenizer
     from distill_nb.data import minilm_path
-    seeds = list(seeds or range(2)); n_max = max(n_trains); cpu0 = time.process_time()
     tok = AutoTokenizer.from_pretrained(minilm_path()); xtr, _, xte, yte = tweet_task(); test = (*encode(tok, xte), yte)
     t_clean = teacher_outputs(4000)["train_logits"][:n_max]
-    copies, src, t_aug = augmented_teacher_logits(n_max, **E3_AUG)
-    ids_c, am_c = encode(tok, xtr[:n_max]); ids_a, am_a = encode(tok, copies)
-    relabel_agree = (teacher_relabel(t_aug) == teacher_relabel(t_clean[:n_max])[src]).float().mean().item()
+    copies, src, t_aug = augmented_teacher_logits(4000, **E3_AUG)
+    keep = src < n_max; copies, src, t_aug = [c for c, k in zip(copies, keep) if k], src[keep], t_aug[keep]
+    (ids_c, am_c), (ids_a, am_a) = encode(tok, xtr[:n_max]), encode(tok, copies)
     vocab = torch.unique(torch.cat([ids_c.flatten(), ids_a.flatten(), test[0].flatten()]))   # one table: aug/no-aug share the init
-    pipe = DistillerPipeline(intermediate="none"); rows = []
-    for n in n_trains:
-        keep = src < n
-        for st in students:
-            for seed in seeds:
-                r = {"n_train": n, "student": st, "seed": seed}
-                for aug in (False, True):
-                    if aug: ids, am, tl = torch.cat([ids_c[:n], ids_a[keep]]), torch.cat([am_c[:n], am_a[keep]]), torch.cat([t_clean[:n], t_aug[keep]])
-                    else: ids, am, tl = ids_c[:n], am_c[:n], t_clean[:n]
-                    r["aug" if aug else "no_aug"] = 100 * distill_bert(pipe, ids, am, tl, None, test, st, steps=steps, lr=lr, seed=seed, vocab=vocab)["acc"]
-                r["gain"] = r["aug"] - r["no_aug"]; rows.append(r)
-    gain = lambda **kw: float(np.mean([r["gain"] for r in rows if all(r[k] == v for k, v in kw.items())]))
-    n_lo, n_hi = min(n_trains), max(n_trains)
-    from distill_nb.stats import paired_diff
-    g_of = lambda n: [r["gain"] for st in students for seed in seeds for r in rows if (r["n_train"], r["student"], r["seed"]) == (n, st, seed)]
-    inter = paired_diff(g_of(n_lo), g_of(n_hi))     # paired by (student, seed)
-    checks = {f"gain(aug) at n={n_lo} > gain at n={n_hi} (mean over students, seeds)": bool(gain(n_train=n_lo) > gain(n_train=n_hi)),
-              f"gain(aug) at n={n_lo} > 0 (a boost for small data)": bool(gain(n_train=n_lo) > 0)}
-    table = [{"n_train": n, "student": st, "no aug (%)": f"{np.mean([r['no_aug'] for r in rows if r['n_train'] == n and r['student'] == st]):.2f}",
-              "aug (%)": f"{np.mean([r['aug'] for r in rows if r['n_train'] == n and r['student'] == st]):.2f}",
-              "gain (points)": f"{gain(n_train=n, student=st):+.2f}"} for n in n_trains for st in students]
+    return (ids_c, am_c, t_clean), (ids_a, am_a, t_aug, src), test, vocab
+
+def _e3_job(item:tuple)->dict:
+    "One (student, n, aug, seed) run of E3: test accuracy (%), steps, whether every loss was finite."
+    student, n, aug, seed, epochs, lr, bs, n_max = item
+    (ids, am, tl), (ids_a, am_a, t_a, src), test, vocab = _e3_data(n_max)
+    ids, am, tl = ids[:n], am[:n], tl[:n]
+    if aug: k = src < n; ids, am, tl = torch.cat([ids, ids_a[k]]), torch.cat([am, am_a[k]]), torch.cat([tl, t_a[k]])
+    steps = epochs * math.ceil(len(ids) / bs)
+    r = distill_bert(DistillerPipeline(intermediate="none"), ids, am, tl, None, test, student, steps=steps, batch_size=bs,
+                     lr=lr, seed=seed, vocab=vocab)
+    return {"acc": 100 * r["acc"], "steps": steps, "finite": bool(np.isfinite(r["losses"]).all())}
+
+def e3_runs(cells:Sequence[tuple], seeds:Sequence[int], epochs:int, lr:float=5e-4, bs:int=32)->dict:
+    "{(student, n, aug): [result per seed]}: every run in parallel, the data loaded before the workers fork."
+    n_max = max(n for _, n in cells); _e3_data(n_max)
+    items = [(st, n, aug, s, epochs, lr, bs, n_max) for s in seeds for st, n in cells for aug in (False, True)]
+    res = dict(zip(items, run_parallel(_e3_job, items, desc="E3 run")))
+    return {(st, n, aug): [res[(st, n, aug, s, epochs, lr, bs, n_max)] for s in seeds] for st, n in cells for aug in (False, True)}
+
+# %% ../nbs/10_distiller.ipynb #539ed889
+def _e3_gains(runs:dict, cells:Sequence[tuple])->dict:
+    "{(student, n): per-seed accuracy gain from the copies (points)}"
+    return {c: [a["acc"] - b["acc"] for a, b in zip(runs[(*c, True)], runs[(*c, False)])] for c in cells}
+
+def _e3_checks(gain:dict, pilot_gain:Sequence[float], pro:dict, lowest:float, majority:float, finite:bool)->dict:
+    "E3's checks: the primary gain at small n, the data-size interaction, a guard, and two power gates."
+    (st, lo), (_, hi) = E3_CELLS
+    zero = [0.0] * len(gain[(st, lo)]); t = lambda a, b: sign_flip_test(a, b, alpha=pro["alpha"])
+    pilot_sd = float(np.std(pilot_gain, ddof=1)) if len(pilot_gain) > 1 else float("inf")
+    return {
+        f"aug > no aug ({st}, n={lo})": claim_test(t(gain[(st, lo)], zero), True, unit="points", note="a boost for small data"),
+        f"gain at n={lo} > gain at n={hi} ({st})": claim_test(t(gain[(st, lo)], gain[(st, hi)]), unit="points",
+                                                            note="the boost is larger for smaller data"),
+        "every loss is finite": guard(finite, "over every step of every run"),
+        "no run collapses to the majority class": power_gate(lowest, majority + 1.0, unit="%", note="every cell, arm and seed "
+                                                             "learns beyond the majority rate + 1 point; a collapsed baseline would inflate the gain"),
+        "min. detectable effect": seeds_gate(pilot_sd, len(zero), pro["sesoi"], pro["alpha"], pro["power"], unit="points")
+                                  if np.isfinite(pilot_sd) else power_gate(float("inf"), pro["sesoi"], at_most=True, unit="points", note="needs >= 2 pilot seeds"),
+    }
+
+def _e3_figure(gain:dict, title:str):
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    for k, st in enumerate(students): ax.plot([str(n) for n in n_trains], [gain(n_train=n, student=st) for n in n_trains], "o-", color=f"C{k}", label=st)
-    ax.axhline(0, color="k", lw=0.8); ax.set_xlabel("n_train"); ax.set_ylabel("accuracy gain from augmentation (points)")
-    ax.set_title("teacher-relabelled augmentation"); ax.legend(fontsize=8); plt.close(fig)
+    cells = list(gain); fig, ax = plt.subplots(figsize=(4.8, 3))
+    for k in range(len(gain[cells[0]])): ax.plot(range(len(cells)), [gain[c][k] for c in cells], "o-", color="0.7", lw=0.8)
+    ax.plot(range(len(cells)), [np.mean(gain[c]) for c in cells], "s-", color="C3", lw=2, label="mean over seeds")
+    ax.axhline(0, color="k", lw=0.8); ax.set_xticks(range(len(cells)), [f"{st}\nn={n}" for st, n in cells], fontsize=8)
+    ax.set_ylabel("accuracy gain from the copies (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7); plt.close(fig); return fig
+
+# %% ../nbs/10_distiller.ipynb #528291e1
+@experiment("distiller", "e3_augmentation", "augmentation x data size x student size (teacher re-labels the copies), epochs, paired seeds", ci=False, min_seeds=2)
+def e3_augmentation(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, epochs:int|None=None, lr:float=5e-4)->Record:
+    "E3: the gain from teacher-relabelled augmentation by data size and student size, every run for the same epochs."
+    pro = protocol("distiller", "e3_augmentation", scale=scale); cpu0 = time.process_time()
+    seeds = list(seeds if seeds is not None else pro["seeds"]); pilot_seeds = list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ValueError(f"e3_augmentation: pilot seeds {pilot_seeds} overlap the seeds {seeds}")
+    epochs = epochs or pro["epochs"]
+    runs = e3_runs(E3_CELLS, seeds, epochs, lr)
+    pilot = e3_runs(E3_CELLS[:1], pilot_seeds, epochs, lr) if pilot_seeds else {}
+    gain = _e3_gains(runs, E3_CELLS); pilot_gain = _e3_gains(pilot, E3_CELLS[:1])[E3_CELLS[0]] if pilot else []
+    (_, _, t_clean), (_, _, t_aug, src), test, _ = _e3_data(max(n for _, n in E3_CELLS))
+    agree = (t_aug.argmax(-1) == t_clean.argmax(-1)[src]).float().mean().item()
+    majority = 100 * max(test[2].float().mean().item(), 1 - test[2].float().mean().item())
+    lowest = min(r["acc"] for v in runs.values() for r in v); finite = all(r["finite"] for v in runs.values() for r in v)
+    checks = _e3_checks(gain, pilot_gain, pro, lowest, majority, finite)
+    acc = {f"{st} n={n} {'aug' if a else 'no aug'}": [r["acc"] for r in v] for (st, n, a), v in runs.items()}
+    ms = lambda v: f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
+    table = [{"student": st, "n_train": n, "no aug (%)": ms(acc[f"{st} n={n} no aug"]), "aug (%)": ms(acc[f"{st} n={n} aug"]),
+              "gain (points)": f"{np.mean(gain[(st, n)]):+.2f}", "steps no aug / aug": f"{runs[(st, n, False)][0]['steps']} / {runs[(st, n, True)][0]['steps']}"}
+             for st, n in E3_CELLS]
+    p = checks[next(iter(checks))]
     return Record("distiller", "e3_augmentation",
         claim="Data augmentation provides a large boost for small training datasets or small student networks (finding 3).",
-        metrics={"rows": rows, "gain_by_n": {str(n): gain(n_train=n) for n in n_trains}, "gain_by_student": {st: gain(student=st) for st in students},
-                 "gain_small_minus_large_n": dataclasses.asdict(inter),
-                 "relabel_agreement_with_source_label": relabel_agree, "cpu_s": round(time.process_time() - cpu0, 1)},
-        checks=checks, seeds=seeds,
-        summary=("aug gain (points) by n: " + ", ".join(f"n={n} {gain(n_train=n):+.2f}" for n in n_trains) + f" (difference {inter}); by student: "
-                 + ", ".join(f"{st} {gain(student=st):+.2f}" for st in students) + f"; teacher keeps the source's label on {100*relabel_agree:.0f} % of copies"),
+        metrics={"acc": acc, "gain": {f"{st} n={n}": g for (st, n), g in gain.items()}, "pilot_gain": pilot_gain, "majority_acc": majority,
+                 "relabel_agreement_with_source_label": agree, "cpu_s": round(time.process_time() - cpu0, 1)},
+        checks=checks, seeds=seeds, protocol=pro, protocol_hash=config_hash(pro),
+        summary=("gain from the copies (points): " + ", ".join(f"{st} n={n} {np.mean(g):+.2f}" for (st, n), g in gain.items())
+                 + f"; primary {p.effect:+.2f} [{p.lo:+.2f}, {p.hi:+.2f}], p = {p.p:.3g}, {len(seeds)} seeds, {epochs} epochs"
+                 + f"; the teacher keeps the source's label on {100 * agree:.0f} % of copies"),
         paper_numbers={"authors' log [data], best with any augmenter vs none (runs)": {
             "CoLA BERT-mini": [0.3520, 0.2009], "CoLA BERT-small": [0.4567, 0.4314], "CoLA BERT-medium": [0.5314, 0.4830], "CoLA TinyBERT-6": [0.5478, 0.5046],
             "RTE BERT-mini": [0.6606, 0.6101], "RTE BERT-small": [0.6715, 0.6354], "RTE BERT-medium": [0.6895, 0.6498], "RTE TinyBERT-6": [0.7581, 0.7545],
             "STS-B BERT-tiny": [0.8272, 0.8142]}, "note": "unequal run counts (5-6 with vs 1 without); indicative only"},
         paper_summary="authors' log [data]: CoLA gain +15.1 (BERT-mini) … +4.3 (TinyBERT-6); RTE +5.1 … +0.4: largest for small data/students",
-        config={"n_trains": list(n_trains), "students": list(students), "steps": steps, "lr": lr, "kd": "ce, T=1, logits only", **E3_AUG,
-                "not reproducible offline": "contextual MLM and back-translation augmenters (no MLM head, no MT models)"},
-        table=table, scale=scale, figs={"gain": fig})
+        config={"cells": [list(c) for c in E3_CELLS], "epochs": epochs, "batch_size": 32, "lr": lr, "kd": "ce, T=1, logits only", **E3_AUG,
+                "pilot_seeds": pilot_seeds, "not reproducible offline": "contextual MLM and back-translation augmenters (no MLM head, no MT models)"},
+        table=table, scale=scale, figs={"gain": _e3_figure(gain, f"tweets, {epochs} epochs, {len(seeds)} paired seeds")})
 
 # %% ../nbs/10_distiller.ipynb #b74903b6
 class MLPNet(nn.Module):
@@ -1108,375 +1150,6 @@ def e4_autodistiller(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:l
         config={"steps": steps, "teacher_steps": teacher_steps, "teacher": "MLP 2x128", "student": "MLP 2x16", "pilot_seeds": pilot_seeds,
                 "regressor": "GradientBoostingRegressor(200, depth 3, lr 0.05, subsample 0.8)", "configs": md["configs"]},
         table=table, scale=scale, figs={"meta_dataset": _e4_figure(md, lo, keep)})
-
-# %% ../nbs/10_distiller.ipynb #d242de32
-GLUE_METRIC = {"CoLA": "mcc", "STS-B": "(pearson + spearman) / 2", "MRPC": "(f1 + accuracy) / 2", "QQP": "(f1 + accuracy) / 2",
-               "MNLI": "mnli-m"}   # the dev score a checkpoint is selected on (GLUE's task score); others: accuracy
-
-@dataclasses.dataclass
-class GlueDistillConfig(Config):
-    "Full-scale Distiller run on one GLUE task."
-    task: str = "SST-2"
-    data_root: str = ""                # holds GLUE/<task>/; default $DISTILL_NB_FULL_DATA
-    teacher: str = ""                  # folder of a BERT-base fine-tuned on the task (HF format), or 'random'
-    student: str = ""                  # folder of TinyBERT_General_4L_312D (HF format), or 'random'
-    tokenizer: str = ""                # folder; default: the teacher's; 'minilm': the bundled MiniLM tokenizer
-    teacher_layers: int = 2            # sizes of 'random' models
-    teacher_hidden: int = 64
-    student_layers: int = 1
-    student_hidden: int = 32
-    teacher_finetune_steps: int = nonneg(0)   # > 0: first fine-tune the teacher on the task (all processes, resumable, cached)
-    teacher_lr: float = 2e-5
-    teacher_batch_size: int = positive(32)    # global batch of the fine-tuning phase
-    teacher_dev_check: bool = True     # refuse a teacher no better than the constant predictor on dev
-    pipeline: DistillerPipeline = dataclasses.field(default_factory=lambda: DistillerPipeline(
-        intermediate="mi", mapping="skip", alpha=0.9, critic="transformer", kd_loss="ce"))
-    max_seq_length: int = 128
-    max_train_examples: int = 0        # > 0: use only the first n training examples
-    batch_size: int = positive(64)     # global: micro-batch × gradient_accumulation_steps × processes
-    gradient_accumulation_steps: int = positive(1)
-    num_workers: int = nonneg(2)       # DataLoader workers per process
-    eval_batch_size: int = positive(128)  # dev batch per process
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    warmup: float = 0.1
-    epochs: float = 20.0
-    steps: int = 0                     # > 0: overrides epochs
-    critic_heads: int = 8
-    seed: int = 9580
-    checkpoint_every: int = 1000
-    keep: int = 2
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # the shipped configs: bf16 (GPU or CPU); fp16 is GPU-only
-    resume_safe = ("checkpoint_every", "keep", "num_workers", "eval_batch_size")
-
-# %% ../nbs/10_distiller.ipynb #30547165
-class ModelMissingError(FileNotFoundError):
-    "A model folder the full-scale run needs is not there."
-
-def _model_dir(path:str, what:str, hint:str)->Path:
-    p = Path(path) if path else None
-    if p is None or not (p/"config.json").exists():
-        raise ModelMissingError(f"place {what} (Hugging Face format: config.json, model.safetensors or pytorch_model.bin, vocab.txt) "
-                                f"under {p or '<a folder>'} and set it in the config; {hint}")
-    return p
-
-# %% ../nbs/10_distiller.ipynb #g1000002
-def _rank(x:np.ndarray)->np.ndarray:
-    "Ranks 1..n, ties sharing their average rank (as `scipy.stats.rankdata`)."
-    r = np.empty(len(x)); r[np.argsort(x, kind="mergesort")] = np.arange(1, len(x) + 1)
-    _, inv = np.unique(x, return_inverse=True)
-    return (np.bincount(inv, r) / np.bincount(inv))[inv]
-
-def _pearson(a:np.ndarray, b:np.ndarray)->float:
-    a, b = a - a.mean(), b - b.mean(); den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum()) / den if den else 0.0
-
-def glue_metrics(task:str, # a GLUE task name, e.g. 'CoLA'
-                 pred,     # predicted class ids, or scores for STS-B
-                 y,        # the labels
-                )->dict:
-    "GLUE's official dev metrics of `task`."
-    p, t = np.asarray(pred, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    if len(p) != len(t) or not len(p): raise ValueError(f"glue_metrics: {len(p)} predictions for {len(t)} labels")
-    if task == "STS-B": return {"pearson": _pearson(p, t), "spearman": _pearson(_rank(p), _rank(t))}
-    out = {"accuracy": float((p == t).mean())}
-    tp, fp, fn, tn = (float(((p == a) & (t == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1), (0, 0)))
-    if task in ("MRPC", "QQP"): out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    if task == "CoLA":
-        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)); out["mcc"] = (tp * tn - fp * fn) / den if den else 0.0
-    return out
-
-def glue_score(task:str, m:dict)->float:
-    "The dev score a checkpoint is selected on (`GLUE_METRIC`): GLUE's task score, MNLI-m for MNLI."
-    if task == "STS-B": return (m["pearson"] + m["spearman"]) / 2
-    if task in ("MRPC", "QQP"): return (m["f1"] + m["accuracy"]) / 2
-    return m["mcc"] if task == "CoLA" else m["mnli-m"] if task == "MNLI" else m["accuracy"]
-
-
-# %% ../nbs/10_distiller.ipynb #g1000007
-def _glue_devs(task:str, root)->dict:
-    "The task's dev sets by name: MNLI's 'mnli-m' and 'mnli-mm', else 'dev'."
-    from distill_nb.data import load_glue
-    if task != "MNLI": return {"dev": load_glue(task, "dev", root)}
-    return {"mnli-m": load_glue(task, "dev", root), "mnli-mm": load_glue(task, "dev_mismatched", root)}
-
-def _augmented_copies(cfg:GlueDistillConfig, texts:list)->list:
-    "`n_aug` augmented copies per example (pairs: each sentence augmented), seeded per example and copy."
-    pipe = cfg.pipeline
-    if not pipe.augmenters: return []
-    aug = TextAugmenter(pipe.augmenters, pipe.aug_p)
-    if not isinstance(texts[0], tuple): return list(augment_texts(texts, aug, pipe.n_aug, cfg.seed)[0])
-    return [tuple(aug(t, random.Random(cfg.seed * 7919 + (k * pipe.n_aug + c) * 2 + j)) for j, t in enumerate(p))
-            for k, p in enumerate(texts) for c in range(pipe.n_aug)]
-
-
-# %% ../nbs/10_distiller.ipynb #g1000008
-@dataclasses.dataclass
-class GlueData:
-    "A GLUE task tokenised: train rows (ids, mask, token types, label, is-copy), the first `n_orig` original, and dev rows by name."
-    task: str; num_labels: int; vocab: int; train: torch.utils.data.TensorDataset; n_orig: int; devs: dict
-
-def glue_data(cfg:GlueDistillConfig, tok)->GlueData:
-    "Load `cfg.task`, add the augmented copies (the teacher re-labels them) and tokenise with token type ids."
-    from distill_nb.data import GLUE_TASKS, load_glue
-    if cfg.task not in GLUE_TASKS: raise ConfigError(f"unknown GLUE task {cfg.task!r}; valid: {', '.join(GLUE_TASKS)}")
-    names = GLUE_TASKS[cfg.task]["labels"]; k = len(names) if names else 1
-    cfg.pipeline.check(k, 1, 1)                                             # e.g. CE-KD on STS-B's regression head, before any work
-    train, devs = load_glue(cfg.task, "train", cfg.data_root or None), _glue_devs(cfg.task, cfg.data_root or None)
-    n = cfg.max_train_examples or len(train.texts); texts, labels = list(train.texts[:n]), train.labels[:n]
-    check_labels(labels, k, f"GLUE {cfg.task} training set")
-    copies = _augmented_copies(cfg, texts); n_aug = len(copies) // len(texts)
-    y = torch.cat([labels, labels.repeat_interleave(n_aug)]); cp = torch.arange(len(y)) >= len(texts)
-    TD = torch.utils.data.TensorDataset
-    tr = TD(*encode(tok, texts + copies, cfg.max_seq_length, types=True), y, cp)
-    dv = {name: TD(*encode(tok, s.texts, cfg.max_seq_length, types=True), s.labels) for name, s in devs.items()}
-    return GlueData(cfg.task, k, tok.vocab_size, tr, len(texts), dv)
-
-def _glue_tokenizer(cfg:GlueDistillConfig):
-    from transformers import AutoTokenizer
-    from distill_nb.data import minilm_path
-    tok_dir = minilm_path() if cfg.tokenizer == "minilm" else cfg.tokenizer or cfg.teacher
-    if cfg.tokenizer != "minilm": _model_dir(tok_dir, "the teacher's tokenizer", "or set tokenizer: minilm for smoke tests")
-    return AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-
-
-# %% ../nbs/10_distiller.ipynb #9a3bb6d4
-def _mix_types(types:Tensor, lam:float, perm:Tensor)->Tensor:
-    "Token types of a mixed example: those of the example with the larger weight."
-    return types if lam >= 0.5 else types[perm]
-
-class _StudentWithLoss(nn.Module):
-    "Student + Distiller loss modules in one module, so DDP syncs the critic and projections too."
-    def __init__(self, student, crit:DistillerLoss):
-        super().__init__(); self.student, self.crit = student, crit
-    def forward(self, ids, am, t_logits, t_hidden, labels, mix=None, types=None):
-        need = self.crit.uses_hidden      # no hidden states (and no critic) when the intermediate term is off
-        if mix is not None:  # word-embedding mixup: clean batch + mixed batch
-            lam, perm = mix; e = self.student.get_input_embeddings()(ids); mm = torch.maximum(am, am[perm])
-            tt = None if types is None else torch.cat([types, _mix_types(types, lam, perm)])
-            out = self.student(inputs_embeds=torch.cat([e, mix_embeddings(e, lam, perm)]), attention_mask=torch.cat([am, mm]),
-                               token_type_ids=tt, output_hidden_states=need)
-            am = torch.cat([am, mm])
-        else: out = self.student(input_ids=ids, attention_mask=am, token_type_ids=types, output_hidden_states=need)
-        loss, parts = self.crit(out.logits, t_logits, list(out.hidden_states) if need else None, t_hidden if need else None, am, labels)
-        return loss
-
-
-# %% ../nbs/10_distiller.ipynb #g1000013
-def _bert(kind:str, path:str, num_labels:int, vocab:int, layers:int, hidden:int, seed:int):
-    from transformers import BertConfig, BertForSequenceClassification
-    seed_everything(seed)   # first: a random model, or a pretrained body whose new classifier head is random
-    if path == "random":
-        c = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                       intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=num_labels)
-        return BertForSequenceClassification(c)
-    hint = ("download it on a machine with internet access (e.g. huawei-noah/TinyBERT_General_4L_312D) and copy the folder"
-            if kind == "student" else "fine-tune bert-base-uncased on the task first, or point `teacher` to bert-base-uncased "
-            "and set teacher_finetune_steps > 0")
-    d = _model_dir(path, "a BERT-base fine-tuned on the task" if kind == "teacher" else "TinyBERT-4L-312D", hint)
-    return BertForSequenceClassification.from_pretrained(d, num_labels=num_labels, local_files_only=True)
-
-@torch.no_grad()
-def _teacher_targets(teacher, b, pipe:DistillerPipeline, mix)->tuple[Tensor, list, Tensor|None]:
-    "The frozen teacher's logits and hidden states on a micro-batch `b` (+ its mixed copy under mixup); copies re-labelled."
-    xb, mb, tb, yb, cp = b
-    if mix is None: t = teacher(input_ids=xb, attention_mask=mb, token_type_ids=tb, output_hidden_states=True)
-    else:
-        lam, perm = mix; e = teacher.get_input_embeddings()(xb); mm = torch.maximum(mb, mb[perm])
-        t = teacher(inputs_embeds=torch.cat([e, mix_embeddings(e, lam, perm)]), attention_mask=torch.cat([mb, mm]),
-                    token_type_ids=torch.cat([tb, _mix_types(tb, lam, perm)]), output_hidden_states=True)
-    if cp.any(): yb = torch.where(cp, teacher_relabel(t.logits[:len(xb)]).to(yb.dtype), yb)   # the teacher labels the copies
-    if mix is not None: yb = torch.cat([yb, yb]) if pipe.hard_weight else None
-    return t.logits.float(), [h.float() for h in t.hidden_states], yb
-
-
-# %% ../nbs/10_distiller.ipynb #g1000015
-def _finetune_teacher(cfg:GlueDistillConfig, teacher, ds, acc, out:Path|None)->dict:
-    "Fine-tune `teacher` on `ds` (ids, mask, types, labels) on every process of `acc`, resumable under `out/teacher`."
-    seed_everything(cfg.seed); teacher.train()
-    opt = torch.optim.AdamW(teacher.parameters(), cfg.teacher_lr, weight_decay=0.01); sch = linear_warmup(opt, cfg.teacher_finetune_steps)
-    model, opt = acc.prepare(teacher, opt)
-    batches = StepLoader(ds, acc, cfg.teacher_batch_size, cfg.seed, 0)
-    loss_fn = lambda b: model(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2], labels=b[3]).loss
-    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_TEACHER_STEP", -1))  # test hook: simulate a hard kill
-    def step(i):
-        if i == crash_at and acc.is_main_process: os._exit(19)
-        loss = accumulation_step(acc, model, opt, batches(i), loss_fn); sch.step(); return loss
-    ck = Checkpointer(out/"teacher"/"checkpoints", keep=cfg.keep) if out is not None else None
-    try: fit(step, cfg.teacher_finetune_steps, ck, {"teacher": acc.unwrap_model(model)}, {"opt": opt}, {"sched": sch},
-             every=cfg.checkpoint_every, desc="teacher fine-tuning", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
-    finally: batches.close()
-    sd = {k: v.detach().cpu().clone().contiguous() for k, v in acc.unwrap_model(model).state_dict().items()}
-    acc.free_memory(); return sd
-
-
-# %% ../nbs/10_distiller.ipynb #g1000016
-_TEACHER_KEYS = ("task", "data_root", "teacher", "tokenizer", "teacher_layers", "teacher_hidden", "teacher_finetune_steps", "teacher_lr",
-                 "teacher_batch_size", "max_seq_length", "max_train_examples", "seed", "mixed_precision")
-
-def glue_teacher(cfg:GlueDistillConfig, num_labels:int, vocab:int,
-                 ids:Tensor, am:Tensor, labels:Tensor,   # the fine-tuning set
-                 types:Tensor|None=None,                 # its token type ids (default: all segment 0)
-                 acc=None,                               # the `Accelerator` (default: a new one, e.g. in a notebook)
-                 out:Path|None=None):                    # the run folder: fine-tuning checkpoints go to out/teacher
-    "The GLUE teacher of `cfg`, fine-tuned first (on every process, resumably, then cached) when `cfg.teacher_finetune_steps` > 0."
-    teacher = _bert("teacher", cfg.teacher, num_labels, vocab, cfg.teacher_layers, cfg.teacher_hidden, cfg.seed)
-    if not cfg.teacher_finetune_steps: return teacher
-    key = {**{k: getattr(cfg, k) for k in _TEACHER_KEYS}, "cache_version": 3}   # 3: distributed phase, token types
-    sd = cached_tensors("distiller-glue-teacher", key, None, verbose=False)
-    if sd is None:
-        acc = acc or make_accelerator(cfg.mixed_precision)
-        ds = torch.utils.data.TensorDataset(ids, am, torch.zeros_like(ids) if types is None else types, labels)
-        sd = _finetune_teacher(cfg, teacher, ds, acc, out)
-        if acc.is_main_process: cached_tensors("distiller-glue-teacher", key, lambda: sd)
-        acc.wait_for_everyone()
-        sd = cached_tensors("distiller-glue-teacher", key, lambda: sd)    # every process reads the main process's file
-    teacher.load_state_dict(sd); return teacher
-
-
-# %% ../nbs/10_distiller.ipynb #g1000018
-@torch.no_grad()
-def glue_predict(model, dl, acc, regression:bool=False)->tuple[Tensor, Tensor]:
-    "Predictions (class ids, or scores) and labels over a prepared dev loader, gathered from every process (duplicates dropped)."
-    was = model.training; model.eval(); ps, ys = [], []
-    for ids, am, tt, y in dl:
-        with acc.autocast(): z = model(input_ids=ids, attention_mask=am, token_type_ids=tt).logits.float()
-        p, y = acc.gather_for_metrics((z.squeeze(-1) if regression else z.argmax(-1), y))
-        ps.append(p.cpu()); ys.append(y.cpu())
-    model.train(was); return torch.cat(ps), torch.cat(ys)
-
-def glue_evaluate(model, dls:dict, acc, task:str)->dict:
-    "The official dev metrics of `model` on each dev loader (MNLI: 'mnli-m', 'mnli-mm'), and 'score' (`glue_score`)."
-    out = {}
-    with rng_preserved():            # evaluating never moves the training's random streams
-        for name, dl in dls.items():
-            m = glue_metrics(task, *glue_predict(model, dl, acc, task == "STS-B"))
-            if task == "MNLI": out[name] = m["accuracy"]
-            else: out.update(m)
-    return {**out, "score": glue_score(task, out)}
-
-class TeacherCheckError(ConfigError):
-    "The teacher does no better than the constant predictor on the dev set."
-
-def check_teacher(task:str, m:dict, y_dev:Tensor)->str:
-    "One line comparing the teacher's dev metrics `m` with the constant predictor's; a `TeacherCheckError` if not better."
-    if task == "STS-B": what, got, base = "Pearson", m["pearson"], 0.0
-    else: what, got, base = "accuracy", m.get("accuracy", m.get("mnli-m")), float(torch.bincount(y_dev).max()) / len(y_dev)
-    line = f"dev {what} {got:.4f} against {base:.4f} for the constant predictor"
-    if not got > base:
-        raise TeacherCheckError(f"the teacher fails its dev-set check: {line}; check the teacher folder and its label order, "
-                                f"or fine-tune it longer (teacher_finetune_steps), or set teacher_dev_check: false to run anyway")
-    return f"passed: {line}"
-
-
-# %% ../nbs/10_distiller.ipynb #g1000021
-def _student(cfg:GlueDistillConfig, d:GlueData, teacher, acc):
-    "The student and its Distiller loss in one module, AdamW (no decay on biases and norms) and the schedule, prepared."
-    student = _bert("student", cfg.student, d.num_labels, d.vocab, cfg.student_layers, cfg.student_hidden, cfg.seed + 1)
-    tc, sc = teacher.config, student.config
-    seed_everything(cfg.seed)
-    crit = DistillerLoss(cfg.pipeline, sc.hidden_size, tc.hidden_size, sc.num_hidden_layers, tc.num_hidden_layers, d.num_labels,
-                         mi_heads=cfg.critic_heads)
-    model = _StudentWithLoss(student, crit)
-    decay = [p for p in model.parameters() if p.ndim >= 2]; rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], cfg.lr, eps=1e-8)
-    spe = math.ceil(len(d.train) / cfg.batch_size); steps = cfg.steps or max(1, math.ceil(cfg.epochs * spe))
-    sch = linear_warmup(opt, steps, cfg.warmup)
-    model, opt = acc.prepare(model, opt)
-    return model, opt, sch, steps, spe
-
-def _state(m:nn.Module)->dict: return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
-
-def _eval_epoch(cfg, acc, model, dls, hist:list, i:int, spe:int, out:Path):
-    "Dev metrics after step `i` into `hist` (and out/dev_history.json); a new best epoch's student into out/best_student.safetensors."
-    s = acc.unwrap_model(model).student; m = glue_evaluate(s, dls, acc, cfg.task)
-    best = all(m["score"] > h["score"] for h in hist); hist.append({"step": i, "epoch": round((i + 1) / spe, 3), **m})
-    if acc.is_main_process:
-        if best: save_tensors(out/"best_student.safetensors", _state(s))
-        atomic_write_json(out/"dev_history.json", hist)
-
-
-# %% ../nbs/10_distiller.ipynb #g1000022
-def _fit_student(cfg:GlueDistillConfig, d:GlueData, teacher, acc, model, opt, sch, steps:int, spe:int, dls:dict, out:Path):
-    "Resumable KD steps through the engine, the dev metrics after every epoch: (fit's result, dev history, StepLoader)."
-    pipe = cfg.pipeline; batches = StepLoader(d.train, acc, cfg.batch_size, cfg.seed, cfg.num_workers)
-    f = out/"dev_history.json"; hist = json.loads(f.read_text()) if f.exists() else []
-    cur = {"step": 0, "micro": 0, "first": True}
-    def loss_fn(b):
-        mix = None
-        if pipe.mixup:   # seeded per step, process and micro-batch
-            s = ((cfg.seed * 1_000_003 + cur["step"]) * 131 + acc.process_index) * 17 + cur["micro"]
-            lam, perm = mixup_params(len(b[0]), pipe.mixup_alpha, s); mix = (lam, perm.to(acc.device))
-        cur["micro"] += 1
-        t_logits, t_hidden, yb = _teacher_targets(teacher, b, pipe, mix)
-        return model(b[0], b[1], t_logits, t_hidden, yb, mix, types=b[2])
-    crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))          # test hook: simulate a hard kill
-    def step(i):
-        if cur["first"]: hist[:] = [h for h in hist if h["step"] < i]; cur["first"] = False   # a resume recomputes the rest
-        if i == crash_at and acc.is_main_process: os._exit(17)
-        cur["step"], cur["micro"] = i, 0
-        loss = accumulation_step(acc, model, opt, batches(i), loss_fn); sch.step()
-        if (i + 1) % spe == 0 or i == steps - 1: _eval_epoch(cfg, acc, model, dls, hist, i, spe, out)
-        return loss
-    try: res = fit(step, steps, Checkpointer(out/"checkpoints", keep=cfg.keep), {"model": acc.unwrap_model(model)}, {"opt": opt},
-                   {"sched": sch}, every=cfg.checkpoint_every, desc="distil", is_main=acc.is_main_process,
-                   barrier=acc.wait_for_everyone)
-    finally: batches.close()
-    return res, hist, batches
-
-
-# %% ../nbs/10_distiller.ipynb #30b01a05
-@launcher("distiller", GlueDistillConfig)
-def glue_distill(cfg:GlueDistillConfig, out:Path)->dict:
-    "Distiller on one GLUE task under accelerate: data, teacher (fine-tuned as its own phase if asked, dev-checked), student evaluated each epoch; resumable."
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    for b in (cfg.batch_size,) + ((cfg.teacher_batch_size,) if cfg.teacher_finetune_steps else ()):
-        split_batch(b, cfg.gradient_accumulation_steps)                     # an uneven split fails before any process group
-    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps); out = Path(out)
-    d = glue_data(cfg, _glue_tokenizer(cfg)); tr = d.train.tensors; n0 = d.n_orig
-    teacher = glue_teacher(cfg, d.num_labels, d.vocab, tr[0][:n0], tr[1][:n0], tr[3][:n0], tr[2][:n0], acc, out)
-    teacher = freeze(teacher, acc)                                          # not prepared: no DDP, weight dtype
-    dls = {n: acc.prepare(torch.utils.data.DataLoader(ds, cfg.eval_batch_size)) for n, ds in d.devs.items()}
-    t_dev = glue_evaluate(teacher, dls, acc, cfg.task); y_dev = next(iter(d.devs.values())).tensors[3]
-    check = check_teacher(cfg.task, t_dev, y_dev) if cfg.teacher_dev_check else "not checked (teacher_dev_check: false)"
-    model, opt, sch, steps, spe = _student(cfg, d, teacher, acc)
-    res, hist, batches = _fit_student(cfg, d, teacher, acc, model, opt, sch, steps, spe, dls, out)
-    acc.wait_for_everyone()
-    best = max(hist, key=lambda h: h["score"])                              # the first of equal scores
-    summary = {"task": cfg.task, "steps": steps, "steps_per_epoch": spe, "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"],
-               "world_size": acc.num_processes, "per_device_batch": batches.micro, "gradient_accumulation_steps": batches.accumulation,
-               "mixed_precision": str(acc.mixed_precision), "pipeline": cfg.pipeline.name, "n_train": len(d.train),
-               "selection_metric": GLUE_METRIC.get(cfg.task, "accuracy"), "teacher_dev": t_dev, "teacher_check": check,
-               "student_dev_last": hist[-1], "student_dev_selected": {**best, "label": "dev-selected (best epoch on this dev set: optimistic)"},
-               "dev_history": hist}
-    if acc.is_main_process:
-        s = acc.unwrap_model(model).student
-        save_tensors(out/"student.safetensors", _state(s))
-        (out/"student_config.json").write_text(s.config.to_json_string())
-        atomic_write_json(out/"summary.json", summary)
-    return summary
-
-
-# %% ../nbs/10_distiller.ipynb #bcd489ce
-def write_synthetic_glue(root:str|Path, task:str="SST-2", n_train:int=64, n_dev:int=32, seed:int=0)->Path:
-    "A tiny GLUE-format folder (root/GLUE/<task>/) with a learnable word-level rule, for smoke tests: SST-2, STS-B or MNLI (both dev sets)."
-    if task not in ("SST-2", "STS-B", "MNLI"): raise ValueError(f"write_synthetic_glue: supports 'SST-2', 'STS-B' and 'MNLI', got {task!r}")
-    rng = random.Random(seed); filler = ["the", "movie", "was", "a", "plot", "very", "and"]
-    cue = [["bad", "awful", "sad", "poor"], ["good", "great", "fine", "happy"], ["maybe", "perhaps", "some", "might"]]
-    k = 3 if task == "MNLI" else 2; d = Path(root)/"GLUE"/task; d.mkdir(parents=True, exist_ok=True)
-    splits = ("train", "dev_matched", "dev_mismatched") if task == "MNLI" else ("train", "dev")
-    head = {"SST-2": "sentence\tlabel", "STS-B": "sentence1\tsentence2\tscore", "MNLI": "sentence1\tsentence2\tgold_label"}[task]
-    for split in splits:
-        rows = []
-        for i in range(n_train if split == "train" else n_dev):
-            y = i % k; w = [rng.choice(filler) for _ in range(rng.randint(3, 8))]; w.insert(rng.randrange(len(w) + 1), rng.choice(cue[y]))
-            if task == "SST-2": rows.append((" ".join(w), str(y)))
-            elif task == "STS-B": rows.append((" ".join(w), " ".join(reversed(w)), f"{5.0 * y:.1f}"))
-            else: rows.append((" ".join(rng.choice(filler) for _ in range(4)), " ".join(w), ("contradiction", "entailment", "neutral")[y]))
-        (d/f"{split}.tsv").write_text(head + "\n" + "\n".join("\t".join(r) for r in rows) + "\n")
-    return Path(root)
-
 
 # %% ../nbs/10_distiller.ipynb #12f7338a
 def _time(fn, reps:int)->float:

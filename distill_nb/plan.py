@@ -276,7 +276,8 @@ def distiller_phases(cfg)->list[Phase]:
     "The optional teacher fine-tuning, then the student with the Distiller loss (critic, projections) against the frozen teacher."
     from transformers import BertConfig, BertForSequenceClassification
     from distill_nb.data import GLUE_TASKS
-    from distill_nb.distiller import DistillerLoss, _StudentWithLoss
+    from distill_nb.distiller import DistillerLoss
+    from distill_nb.distiller_full import _StudentWithLoss
     names = GLUE_TASKS.get(cfg.task, {}).get("labels", ["a", "b"]); k = len(names) if names else 1
     def conf(path, layers, hidden, default):
         if path == "random": return BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),

@@ -10,10 +10,10 @@ import numpy as np, pytest, torch
 from safetensors.torch import load_file
 from distill_nb.launch import run_launch
 from distill_nb.distiller import (interpolated_bound, log_loomean, log_loomean_masked, log_loomean_naive, mi_alpha_cap,
-                                  GlueDistillConfig, DistillerPipeline, DistillerLoss, write_synthetic_glue, layer_mapping,
-                                  e1_mi_alpha, check_labels, compact_vocab, MIAlphaLoss, TransformerCritic, encode,
-                                  glue_metrics, glue_score, check_teacher, glue_data, glue_predict, _StudentWithLoss,
-                                  _teacher_targets)
+                                  DistillerPipeline, DistillerLoss, layer_mapping, e1_mi_alpha, check_labels, compact_vocab,
+                                  MIAlphaLoss, TransformerCritic, encode)
+from distill_nb.distiller_full import (GlueDistillConfig, write_synthetic_glue, glue_metrics, glue_score, check_teacher, glue_data,
+                                       glue_predict, _StudentWithLoss, _teacher_targets)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT/"configs"/"distiller"

@@ -106,7 +106,8 @@ def test_distiller_tweet_teacher_and_outputs(monkeypatch, tmp_path):
 def test_distiller_glue_teacher(monkeypatch, tmp_path):
     from transformers import AutoTokenizer
     from distill_nb.data import minilm_path
-    from distill_nb.distiller import GlueDistillConfig, glue_teacher, encode
+    from distill_nb.distiller import encode
+    from distill_nb.distiller_full import GlueDistillConfig, glue_teacher
     cfg = GlueDistillConfig(teacher=str(minilm_path()), tokenizer="minilm", teacher_finetune_steps=2, max_seq_length=16)
     tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     texts = ["a fine film", "dull and long", "i loved it", "never again", "great cast", "a waste of time"]
