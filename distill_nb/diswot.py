@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import (Config, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
+from .core import (Config, ConfigError, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
                              cache_dir, config_hash, atomic_write_json, progress, predict, accuracy, count_params, load_tensors)
 from .kd import (sp_loss, ickd_semantic, ce_weight_grad, at_loss, rkd_loss, pkt_loss, cc_loss, nst_loss,
                            fitnet_loss, kd_kl)
@@ -620,17 +620,17 @@ def _fashion_small(n_train:int, n_test:int, size:int, seed:int):
     g = torch.Generator().manual_seed(seed)
     itr, ite = torch.randperm(len(xtr), generator=g)[:n_train], torch.randperm(len(xte), generator=g)[:n_test]
     prep = lambda x: F.adaptive_avg_pool2d(x.float().div(255.).unsqueeze(1), size)
-    a, b = prep(xtr[itr]), prep(xte[ite]); mu, sd = a.mean(), a.std()
+    a, b = prep(xtr[itr]), prep(xte[ite]); mu, sd = a[:8000].mean(), a[:8000].std()   # the first 8 000's statistics, whatever n_train
     return (a - mu) / sd, ytr[itr].clone(), (b - mu) / sd, yte[ite].clone()
 
-def fashion_small(n_train:int=8000,  # training images: a prefix of one fixed seeded draw of 8000
+def fashion_small(n_train:int=8000,  # training images: a prefix of one fixed seeded draw (the 8 000 of the students, then more)
                   n_test:int=2000,   # test images
                   size:int=14,       # side after area downsampling
                   seed:int=0,        # seed of the draw
                  )->tuple[Tensor, Tensor, Tensor, Tensor]:  # x_train (N,1,size,size), y_train, x_test, y_test
     "The quick-scale Fashion-MNIST subset, standardised."
-    if not 0 < n_train <= 8000: raise ValueError(f"n_train must be in 1..8000 (a prefix of the fixed draw), got {n_train}")
-    xtr, ytr, xte, yte = _fashion_small(8000, n_test, size, seed)
+    if not 0 < n_train <= 60000: raise ConfigError(f"n_train must be in 1..60000 (a prefix of the fixed draw of Fashion-MNIST's train set), got {n_train}")
+    xtr, ytr, xte, yte = _fashion_small(max(8000, n_train), n_test, size, seed)
     return xtr[:n_train], ytr[:n_train], xte, yte
 
 @dataclasses.dataclass
@@ -730,31 +730,38 @@ def student_result(space:SearchSpace, arch:str, mode:Literal["vanilla", "kd"], c
     atomic_write_json(p, res); return res
 
 # %% ../nbs/40_diswot.ipynb #109cd662
-D2_TEACHER = QuickTeacherConfig()   # the committed quick teacher; the augmented one lost more under KD in the pilot (see above)
+D2_TEACHER = QuickTeacherConfig(n_train=16_000, epochs=8)   # trained on 4x the students' images (pilots above)
 
 def d2_space()->ResSpace:
     "S1-mini with widths: per stage depth {1,2,3}, width {4,8,16} / {8,16,32} / {32} (243 students, C_S = C_T = 32)."
     return ResSpace([[1, 2, 3]] * 3, [[4, 8, 16], [8, 16, 32], [32]], [[3]] * 3, name="S1-w")
 
-def d2_candidates(n:int=14, max_params:int=70_000, space:ResSpace|None=None)->list[str]:
-    "`n` students evenly spaced in the ranking by #params of the members of `space` with at most `max_params`, small first."
+def d2_candidates(n:int=14, max_params:int=70_000, space:ResSpace|None=None,
+                  spacing:Literal["rank", "log"]="rank")->list[str]:  # even in the #params ranking, or in log #params
+    "`n` students of `space` with at most `max_params`, small first: evenly spaced in the ranking by #params, or in log #params."
+    if spacing not in ("rank", "log"): raise ConfigError(f"spacing must be 'rank' or 'log', got {spacing!r}")
     sp = space or d2_space(); size = {a: count_params(sp.build(a)) for a in sp.all()}
     allp = sorted((a for a in size if size[a] <= max_params), key=lambda a: (size[a], a))
-    return [allp[round(i * (len(allp) - 1) / (n - 1))] for i in range(n)]
+    if spacing == "rank": return [allp[round(i * (len(allp) - 1) / (n - 1))] for i in range(n)]
+    out = []   # log: per target of an even log grid, the nearest student not yet taken (ties: the smaller, then by name)
+    for t in np.linspace(math.log(size[allp[0]]), math.log(size[allp[-1]]), n):
+        out.append(min((a for a in allp if a not in out), key=lambda a: (abs(math.log(size[a]) - t), size[a], a)))
+    return out
 
 def _gt_job(args)->dict:
-    arch, mode, seed, epochs, n_train, n_test = args
-    return student_result(d2_space(), arch, mode, TrainConfig(epochs=epochs, seed=seed), n_train, D2_TEACHER, n_test)
+    arch, mode, seed, epochs, n_train, n_test, bs, T = args
+    cfg = TrainConfig(epochs=epochs, seed=seed, batch_size=bs, T=T)
+    return student_result(d2_space(), arch, mode, cfg, n_train, D2_TEACHER, n_test)
 
 def d2_ground_truth(archs:Sequence[str], seeds:Sequence[int], modes:Sequence[str]=("kd", "vanilla"), epochs:int=6,
-                    n_train:int=4000, n_test:int=10000)->dict:
+                    n_train:int=4000, n_test:int=10000, batch_size:int=128, T:float=4.0)->dict:
     "{arch: {mode: [test acc per seed], 'params', 'flops'}}: every (student, mode, seed) in parallel, each cached."
     quick_teacher(D2_TEACHER)   # trained (or read) once, before the workers start (on BUILD_THREADS threads, as the fixture)
-    items = [(a, m, s, epochs, n_train, n_test) for a in reversed(list(archs)) for m in modes for s in seeds]  # large first
+    items = [(a, m, s, epochs, n_train, n_test, batch_size, T) for a in reversed(list(archs)) for m in modes for s in seeds]  # large first
     res = dict(zip(items, run_parallel(_gt_job, items, desc="D2 student")))
     out = {}
     for a in archs:
-        r = {m: [res[(a, m, s, epochs, n_train, n_test)] for s in seeds] for m in modes}
+        r = {m: [res[(a, m, s, epochs, n_train, n_test, batch_size, T)] for s in seeds] for m in modes}
         out[a] = {m: [v["acc"] for v in r[m]] for m in modes} | {"params": r[modes[0]][0]["params"], "flops": r[modes[0]][0]["flops"]}
     return out
 
@@ -780,9 +787,10 @@ def d1_vanilla_vs_kd(scale:str="quick", seeds:list[int]|None=None, archs:list[st
                      n_train:int|None=None, n_test:int|None=None)->Record:
     "Rank D2's students by vanilla and by KD accuracy (the same cached runs as D2); report tau and the two argmaxes."
     pro = protocol("diswot", "d1_vanilla_vs_kd"); d2 = protocol("diswot", "d2_score_vs_kd")
-    seeds, archs = list(seeds or d2["seeds"]), list(archs or d2_candidates(d2["candidates"]))
+    seeds, archs = list(seeds or d2["seeds"]), list(archs or d2_candidates(d2["candidates"], spacing=d2.get("spacing", "rank")))
     epochs, n_train, n_test = epochs or d2["epochs"], n_train or d2["n_train"], n_test or d2["n_test"]
-    gt = d2_ground_truth(archs, seeds, ("kd", "vanilla"), epochs, n_train, n_test)
+    gt = d2_ground_truth(archs, seeds, ("kd", "vanilla"), epochs, n_train, n_test, d2.get("batch_size", 128),
+                           d2.get("T", 4.0))
     runs = {md: np.array([[gt[a][md][i] for a in archs] for i in range(len(seeds))]) for md in ("vanilla", "kd")}
     van, kd = dict(zip(archs, runs["vanilla"].mean(0))), dict(zip(archs, runs["kd"].mean(0)))
     v, k = [van[a] for a in archs], [kd[a] for a in archs]
@@ -811,7 +819,8 @@ def d1_vanilla_vs_kd(scale:str="quick", seeds:list[int]|None=None, archs:list[st
         paper_numbers=S1_PAPER,
         paper_summary=("[data] S1 (64 students, CIFAR-100): tau = 0.836, rho = 0.957; vanilla best 777 (72.56), KD best 557 "
                        "(74.86); KD of 777 = 74.44 (rank 3-4), vanilla of 557 = 71.93 (rank 9); KD gain 0.42-2.93, mean 1.76"),
-        config={"epochs": epochs, "n_train": n_train, "n_test": n_test, "teacher": D2_TEACHER.to_dict(), "space": _space_desc(d2_space())},
+        config={"epochs": epochs, "n_train": n_train, "n_test": n_test, "batch_size": d2.get("batch_size", 128), "T": d2.get("T", 4.0), "teacher": D2_TEACHER.to_dict(),
+                "space": _space_desc(d2_space())},
         table=table, scale=scale, figs={"vanilla_vs_kd": _d1_figure(van, kd, tau.r)},
         notes=("The digest marks D1 report only (§9): tau and the argmaxes are reported beside the authors'. Its one claim (the "
                "argmaxes differ) is a property of the space, read only behind the power gates: both rankings reliable (mean of "
@@ -901,9 +910,10 @@ def d2_score_vs_kd(scale:str="quick", seeds:list[int]|None=None, archs:list[str]
                    n_train:int|None=None, n_test:int|None=None, batch:int=64)->Record:
     "Score every candidate at init with every proxy; rank-correlate with its KD accuracy (mean of seeds), as pre-registered."
     pro = protocol("diswot", "d2_score_vs_kd"); sp = d2_space()
-    seeds, archs = list(seeds or pro["seeds"]), list(archs or d2_candidates(pro["candidates"]))
+    seeds, archs = list(seeds or pro["seeds"]), list(archs or d2_candidates(pro["candidates"], spacing=pro.get("spacing", "rank")))
     epochs, n_train, n_test = epochs or pro["epochs"], n_train or pro["n_train"], n_test or pro["n_test"]
-    gt = d2_ground_truth(archs, seeds, ("kd", "vanilla"), epochs, n_train, n_test)
+    gt = d2_ground_truth(archs, seeds, ("kd", "vanilla"), epochs, n_train, n_test, pro.get("batch_size", 128),
+                           pro.get("T", 4.0))
     kd_runs = np.array([[gt[a]["kd"][i] for a in archs] for i in range(len(seeds))]); kd = kd_runs.mean(0)
     van_runs = np.array([[gt[a]["vanilla"][i] for a in archs] for i in range(len(seeds))]); van = van_runs.mean(0)
     rel, rel_van = reliability(kd_runs), reliability(van_runs)
@@ -935,7 +945,7 @@ def d2_score_vs_kd(scale:str="quick", seeds:list[int]|None=None, archs:list[str]
         paper_numbers={"correlation tables": "[gap] the paper's tables could not be read",
                        "claim": "[abs] good correlations with final distillation performances"},
         paper_summary="[abs] good correlation (the paper's rho/tau tables are a [gap]); [code] S1 DisWOT-score correlations are not in the repository",
-        config={"epochs": epochs, "n_train": n_train, "n_test": n_test, "batch": batch, "teacher": D2_TEACHER.to_dict(),
+        config={"epochs": epochs, "n_train": n_train, "n_test": n_test, "batch": batch, "batch_size": pro.get("batch_size", 128), "T": pro.get("T", 4.0), "teacher": D2_TEACHER.to_dict(),
                 "space": _space_desc(sp), "teacher_init": f"gaussian N(0,1), seed {pro['score_seed']}"},
         table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         scale=scale, figs={"correlations": _d2_figure(scores, kd, rows, rho)},
