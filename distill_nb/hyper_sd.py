@@ -9,21 +9,21 @@ from typing import Literal
 
 # %% auto #0
 __all__ = ['STEPS', 'H1_ARMS', 'H1_PAPER', 'MLP_LORA_TARGETS', 'SCHEDULES', 'T_MAXES', 'H2_GRID4', 'LORA_FILE', 'LORA_META',
-           'H3_PAPER', 'PAPER_TABLES', 'ddim_timesteps', 'check_segments', 'segment_start', 'sample_t_end',
-           'jump_target', 'consistency_pair', 'Stages', 'method_stages', 'JumpDiscriminator', 'hinge_d_loss',
+           'H3_ARMS', 'H3_PAPER', 'PAPER_TABLES', 'ddim_timesteps', 'check_segments', 'segment_start', 'sample_t_end',
+           'cfg_eps', 'jump_target', 'consistency_pair', 'Stages', 'method_stages', 'JumpDiscriminator', 'hinge_d_loss',
            'consistency_distill', 'RingTeacherConfig', 'ring_teacher', 'ring_sw', 'ring_student', 'h1_checks',
            'h1_ring', 'CondEpsMLP', 'lora_targets', 'add_lora', 'train_only', 'lora_state_dict', 'merge_adapters',
            'tcd_timesteps', 'tcd_sample', 'beta_schedule', 'DigitsTeacherConfig', 'digits_data', 'digits_teacher',
            'digits_classifier', 'start_timesteps', 'on_training_grid', 'DigitsEval', 'DigitsDistillConfig',
            'digits_student', 'cached_student', 'lora_norm', 'h2_checks', 'h2_digits', 'tiny_unet', 'class_tokens',
            'TokenCondUNet', 'HyperSDPipeline', 'save_lora', 'load_lora', 'lora_round_trip', 'reward_classifier',
-           'class_reward', 'stroke_contrast', 'Segmenter', 'fg_mask', 'digits_segmenter', 'FeedbackConfig', 'refl_x0',
-           'train_feedback_lora', 'UnifiedConfig', 'make_fake_score', 'train_unified', 'h3_unified', 'h3_checks',
-           'RingDMDConfig', 'ring_one_step', 'h3_ring_dmd', 'sampling_speed', 'HyperSDFullConfig', 'check_base_model',
-           'HashTokenizer', 'tiny_sd', 'load_sd', 'encode_prompts', 'sd_pipeline', 'lora_load_check', 'ClipMLPReward',
-           'SegFeedback', 'load_reward_model', 'load_seg_model', 'UNetFeatureDisc', 'unet_mid_features',
-           'base_adv_grad', 'TableCondUNet', 'dmd_t_range', 'lora_fake_score_memory', 'full_phases', 'hyper_sd_full',
-           'show_results']
+           'class_reward', 'class_margin', 'stroke_contrast', 'Segmenter', 'fg_mask', 'digits_segmenter',
+           'FeedbackConfig', 'refl_x0', 'train_feedback_lora', 'UnifiedConfig', 'make_fake_score', 'train_unified',
+           'h3_checks', 'h3_unified', 'RingDMDConfig', 'ring_one_step', 'ring_dmd_checks', 'h3_ring_dmd',
+           'sampling_speed', 'HyperSDFullConfig', 'check_base_model', 'HashTokenizer', 'tiny_sd', 'load_sd',
+           'encode_prompts', 'sd_pipeline', 'lora_load_check', 'ClipMLPReward', 'SegFeedback', 'load_reward_model',
+           'load_seg_model', 'UNetFeatureDisc', 'unet_mid_features', 'base_adv_grad', 'TableCondUNet', 'dmd_t_range',
+           'lora_fake_score_memory', 'full_phases', 'hyper_sd_full', 'show_results']
 
 # %% ../nbs/50_hyper_sd.ipynb #ea9808ca
 import contextlib
@@ -90,6 +90,12 @@ def sample_t_end(t_n:Tensor,      # (B,) current timesteps
 def _rand_like_shape(x:Tensor, generator)->Tensor:
     return torch.randn(x.shape, generator=generator).to(x)
 
+def cfg_eps(model:nn.Module, x:Tensor, t, cond:Tensor|None, w)->Tensor:
+    "ε̂ with CFG scale `w`: a float (as `predict_eps`), or one scale per sample (B,): CFG is linear in w, ε_u + w(ε_c − ε_u)."
+    if not torch.is_tensor(w) or w.ndim == 0: return predict_eps(model, x, t, cond, float(w))
+    e_u, e_c = predict_eps(model, x, t, cond, 0.0), predict_eps(model, x, t, cond)
+    return e_u + w.to(x).reshape(-1, *([1] * (x.ndim - 1))) * (e_c - e_u)
+
 def jump_target(x_t:Tensor, e_tea:Tensor, t_n:Tensor, # the noisy point and the teacher's ε there
                 x_prev:Tensor, e_tgt:Tensor, t_prev:Tensor, # the teacher step's result and the EMA target's ε there
                 t_end:Tensor, crossed:Tensor, ac:Tensor|None=None)->Tensor:
@@ -108,7 +114,7 @@ def consistency_pair(student:nn.Module,   # f_stu (ε-prediction, trained)
                      k:int|None,          # segments; 1 = CTM, None = CD
                      generator:torch.Generator|None=None,
                      cond:Tensor|None=None,   # class labels
-                     guidance:float=1.0,      # CFG scale ω in the teacher step
+                     guidance=1.0,            # CFG scale ω in the teacher step: a float or one per sample (B,)
                      N:int=50,                # teacher solver steps
                      offset_noise:float=0.0,  # offset-noise strength (images)
                      t_n:Tensor|None=None, t_end:Tensor|None=None, eps:Tensor|None=None, # fixed draws (tests)
@@ -129,7 +135,7 @@ def consistency_pair(student:nn.Module,   # f_stu (ε-prediction, trained)
     dev = x0.device; t_n, t_prev, t_end, crossed = t_n.to(dev), t_prev.to(dev), t_end.to(dev), crossed.to(dev)
     x_t = add_noise(x0, eps, t_n)
     with torch.no_grad():
-        e_tea = predict_eps(teacher, x_t, t_n, cond, guidance)
+        e_tea = cfg_eps(teacher, x_t, t_n, cond, guidance)
         x_prev = psi(x_t, e_tea, t_n, t_prev)
         tgt = jump_target(x_t, e_tea, t_n, x_prev, predict_eps(target, x_prev, t_prev, cond), t_prev, t_end, crossed)
     pred = psi(x_t, predict_eps(student, x_t, t_n, cond), t_n, t_end)
@@ -208,7 +214,8 @@ def consistency_distill(teacher:nn.Module,   # frozen ε-teacher
     def step_fn(step):
         g = step_generator(seed, step)
         b = data_fn(batch_size, g); x0, y = (b[0], b[1]) if isinstance(b, (tuple, list)) else (b, None)
-        w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand((), generator=g).item()
+        lo, hi = guidance   # ω per sample; a fixed ω keeps its single draw, so fixed-ω runs keep their random stream
+        w = lo + (hi - lo) * torch.rand(() if lo == hi else (len(x0),), generator=g)
         si = stages.stage_at(step)
         r = consistency_pair(student, target, teacher, x0.to(dev), stages.ks[si], g, None if y is None else y.to(dev), w, N, offset_noise)
         aw = stages.adv_weights[si]
@@ -586,6 +593,7 @@ def h2_checks(runs:list, pilot:list, pro:dict)->dict:
     s1, s2, a = pro["primary_steps"], pro["secondary_steps"], pro["alpha"]
     t = lambda s, tm=999: sign_flip_test(_fd(runs, "cd", s, tm), _fd(runs, "tscd", s, tm), alpha=a)
     d = _fd(pilot, "cd", s1) - _fd(pilot, "tscd", s1) if pilot else np.array([])
+    sd = pro["pilot_sd"] if "pilot_sd" in pro else float(np.std(d, ddof=1)) if len(d) > 1 else None   # a fixed pilot sd (v3) or the pilot seeds'
     acc = [r["teacher"]["999"]["25"]["acc"] for r in runs]
     vals = [v for r in runs for arm in ("teacher", "tscd", "cd") for tm in T_MAXES for m in r[arm][str(tm)].values() for v in m.values()]
     return {
@@ -599,8 +607,8 @@ def h2_checks(runs:list, pilot:list, pro:dict)->dict:
                                             value=100 * min(acc), threshold=100 * pro["teacher_acc_min"], unit="%"),
         "LoRAs trained and finite": guard(bool(np.isfinite(vals).all() and min(r[f"{m}_lora_norm"] for r in runs for m in ("tscd", "cd")) > 0),
                                           "every metric finite; every LoRA moved from its zero init"),
-        "min. detectable effect": seeds_gate(float(np.std(d, ddof=1)), len(runs), pro["sesoi"], a, pro["power"], unit="clf-FD")
-                                  if len(d) > 1 else power_gate(float("inf"), pro["sesoi"], at_most=True, unit="clf-FD", note="no pilot seeds: no power"),
+        "min. detectable effect": seeds_gate(sd, len(runs), pro["sesoi"], a, pro["power"], unit="clf-FD")
+                                  if sd is not None else power_gate(float("inf"), pro["sesoi"], at_most=True, unit="clf-FD", note="no pilot seeds: no power"),
     }
 
 # %% ../nbs/50_hyper_sd.ipynb #71eb4a9f
@@ -636,7 +644,7 @@ def h2_digits(scale:str="quick", seeds:list|None=None, pilot_seeds:list|None=Non
               distill:DigitsDistillConfig|None=None, n_eval:int|None=None)->Record:
     "H2 as pre-registered: classifier-FD of the TSCD and CD LoRAs (and the CFG teacher) at 1/2/4/8 steps from t=999; t=799 rows post hoc."
     pro = protocol("hyper_sd", "h2_digits")
-    seeds = list(pro["seeds"] if seeds is None else seeds); pilot_seeds = list(pro["pilot_seeds"] if pilot_seeds is None else pilot_seeds)
+    seeds = list(pro["seeds"] if seeds is None else seeds); pilot_seeds = list(pro.get("pilot_seeds", []) if pilot_seeds is None else pilot_seeds)
     if set(seeds) & set(pilot_seeds): raise ConfigError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}; use separate pilot seeds")
     tcfg = teacher or DigitsTeacherConfig(**pro["teacher"]); dcfg = distill or DigitsDistillConfig(**pro["distill"]); n_eval = n_eval or pro["n_eval"]
     out = run_parallel(_h2_seed, [(s, tcfg, dcfg, n_eval, i == 0) for i, s in enumerate(seeds + pilot_seeds)], desc="H2 seed")
@@ -824,6 +832,11 @@ def class_reward(clf:nn.Module, x:Tensor, y:Tensor)->Tensor:
     "r_d(x, c): log-probability of the prompted class (per sample)."
     return F.log_softmax(clf(x), -1).gather(1, y.long()[:, None]).squeeze(1)
 
+def class_margin(clf:nn.Module, x:Tensor, y:Tensor)->Tensor:
+    "The trained reward r_d(x, c): the prompted class's logit minus the largest other logit (per sample; unlike the log-probability it does not saturate)."
+    z = clf(x); y = y.long()[:, None]
+    return z.gather(1, y).squeeze(1) - z.scatter(1, y, float("-inf")).max(1).values
+
 def stroke_contrast(x:Tensor)->Tensor:
     "The 'aesthetic' stand-in: mean |x| per sample (x in [−1, 1])."
     return x.clamp(-1, 1).abs().reshape(len(x), -1).mean(1)
@@ -855,7 +868,7 @@ class FeedbackConfig(Config):
     lr: float = 1e-3
     rank: int = 8
     t_a: int = 499
-    t_max: int = 799
+    t_max: int = 999
     lam_percep: float = 1.0
     seed: int = 0
 
@@ -872,21 +885,22 @@ def refl_x0(eps_fn,                 # (x_t, t) -> ε̂, e.g. lambda x, t: predic
     return eps_to_x0(x, eps_fn(x, ts[j]), ts[j], ac)
 
 def train_feedback_lora(model:CondEpsMLP, alpha_d:float, cfg:FeedbackConfig=FeedbackConfig(), base:str="tscd")->dict:
-    "Add and train the 'feedback' adapter on top of the frozen `base` adapter (Eq. 13 + 14); returns the losses."
-    rc, seg = reward_classifier(), digits_segmenter(); x, yl = digits_data()
+    "Add and train the 'feedback' adapter on top of the frozen `base` adapter (Eq. 13 + 14); returns the losses and the hinge's activation rate."
+    rc, seg = reward_classifier(), digits_segmenter(); x, yl = digits_data(); active = []
     add_lora(model, "feedback", cfg.rank); model.set_adapters([base, "feedback"], [1.0, 1.0]); train_only(model, "feedback"); model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], cfg.lr)
     def step(i):
         g = step_generator(cfg.seed + 77, i); B = cfg.batch_size
         y = torch.randint(0, 10, (B,), generator=g); z = torch.randn(B, 1, 8, 8, generator=g)
-        l_aes = F.relu(alpha_d - class_reward(rc, refl_x0(lambda x, t: predict_eps(model, x, t, y), z, g, start_timesteps(4, cfg.t_max)), y)).mean()
+        r = class_margin(rc, refl_x0(lambda x, t: predict_eps(model, x, t, y), z, g, start_timesteps(4, cfg.t_max)), y)
+        active.append((r.detach() < alpha_d).float().mean().item()); l_aes = F.relu(alpha_d - r).mean()
         idx = torch.randint(0, len(x), (B,), generator=g); x0, yr = x[idx], yl[idx]
         xt = add_noise(x0, torch.randn(x0.shape, generator=g), cfg.t_a)
         x0p = eps_to_x0(xt, predict_eps(model, xt, cfg.t_a, yr), cfg.t_a)
-        l_p = F.binary_cross_entropy_with_logits(seg(x0p), fg_mask(x0))
-        loss = l_aes + cfg.lam_percep * l_p
+        loss = l_aes + cfg.lam_percep * F.binary_cross_entropy_with_logits(seg(x0p), fg_mask(x0))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); return loss.detach()
-    res = fit(step, cfg.iters, desc="feedback LoRA"); model.eval(); return res
+    res = fit(step, cfg.iters, desc="feedback LoRA"); model.eval()
+    return {**res, "active_rate": float(np.mean(active)) if active else 0.0}
 
 # %% ../nbs/50_hyper_sd.ipynb #013510ec
 @dataclasses.dataclass
@@ -894,7 +908,7 @@ class UnifiedConfig(Config):
     iters: int = 400
     batch_size: int = 128
     lr: float = 3e-4
-    t_star: int = 799
+    t_star: int = 999
     guidance: float = 2.0
     fake_ratio: int = 5
     fake_lr: float = 1e-3
@@ -913,79 +927,85 @@ def make_fake_score(teacher:nn.Module, cfg, **kw)->FakeScoreTrainer:
     return FakeScoreTrainer(teacher, lr=cfg.fake_lr, ratio=cfg.fake_ratio, **kw)
 
 def train_unified(model:CondEpsMLP, teacher:nn.Module, alpha_d:float, cfg:UnifiedConfig=UnifiedConfig(), adapter:str="unified")->dict:
-    "DMD + MSE (+ feedback) one-step training of `adapter` at t* (Sec. 3.3)."
-    rc = reward_classifier(); train_only(model, adapter); model.train()
+    "DMD + MSE (+ feedback) one-step training of `adapter` at t* (Sec. 3.3); returns the losses and the feedback hinge's activation rate."
+    rc = reward_classifier(); train_only(model, adapter); model.train(); B = cfg.batch_size; active = []
     g0 = torch.Generator().manual_seed(cfg.seed + 5)
     zb = torch.randn(cfg.bank, 1, 8, 8, generator=g0); yb = torch.arange(cfg.bank) % 10
-    xb = sample_ddim(teacher, None, cfg.bank_steps, x=zb, cond=yb, guidance=cfg.guidance)
+    xb = sample_ddim(teacher, None, cfg.bank_steps, x=zb, cond=yb, guidance=cfg.guidance, timesteps=start_timesteps(cfg.bank_steps, cfg.t_star))
     fake = make_fake_score(teacher, cfg)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], cfg.lr)
     G = lambda z, y: one_step(model, z, cfg.t_star, y)
+    draw = lambda g: (torch.randn(B, 1, 8, 8, generator=g), torch.randint(0, 10, (B,), generator=g))
     def step(i):
-        g = step_generator(cfg.seed + 99, i); B = cfg.batch_size
-        y = torch.randint(0, 10, (B,), generator=g); z = torch.randn(B, 1, 8, 8, generator=g)
-        x = G(z, y)
-        fake.update(lambda: (x.detach(), y), g)
+        g = step_generator(cfg.seed + 99, i)
+        fake.update(lambda: (lambda z, y: (G(z, y), y))(*draw(g)), g)   # each fake update on a fresh generator batch
+        z, y = draw(g); x = G(z, y)
         l_dmd = dmd_loss(x, teacher, fake.model, generator=g, cond=y, guidance=cfg.guidance)
         j = torch.randint(0, cfg.bank, (B,), generator=g)
         l_mse = F.mse_loss(G(zb[j], yb[j]), xb[j])
-        l_fb = F.relu(alpha_d - class_reward(rc, x, y)).mean()
-        loss = l_dmd + cfg.lam_mse * l_mse + cfg.lam_feedback * l_fb
+        r = class_margin(rc, x, y); active.append((r.detach() < alpha_d).float().mean().item())
+        loss = l_dmd + cfg.lam_mse * l_mse + cfg.lam_feedback * F.relu(alpha_d - r).mean()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); return loss.detach()
-    res = fit(step, cfg.iters, desc="DMD + MSE"); model.eval().requires_grad_(False); return res
+    res = fit(step, cfg.iters, desc="DMD + MSE"); model.eval().requires_grad_(False)
+    return {**res, "active_rate": float(np.mean(active)) if active else 0.0}
 
 # %% ../nbs/50_hyper_sd.ipynb #a5b65e04
-def _reward_stats(model:nn.Module, ev:DigitsEval, steps:int, guidance:float=1.0, t_max:int=799)->dict:
-    x = ev.sample(model, steps, guidance, t_max=t_max).clamp(-1, 1); rc = reward_classifier()
-    with torch.no_grad(): r = class_reward(rc, x, ev.y).mean().item()
-    return {**ev(x), "reward": r, "contrast": stroke_contrast(x).mean().item()}
+H3_ARMS = ("teacher", "tscd", "tscd+feedback", "merged", "unified")
+
+def _h3_stats(model:nn.Module, ev:DigitsEval, guidance:float=1.0)->dict:
+    "Per step count (strings, as in the record): pixel-FD, classifier-FD, accuracy, the trained reward (logit margin) and stroke contrast, from t=999."
+    rc, out = reward_classifier(), {}
+    for s in STEPS:
+        x = ev.sample(model, s, guidance).clamp(-1, 1)
+        with torch.no_grad(): r = class_margin(rc, x, ev.y).mean().item()
+        out[str(s)] = {**ev(x), "reward": r, "contrast": stroke_contrast(x).mean().item()}
+    return out
 
 # %% ../nbs/50_hyper_sd.ipynb #30d4f19b
-def _h3_seed(seed:int, tea:nn.Module, ev:DigitsEval, alpha_d:float, fb0, uni0, distill0, cache:bool=True)->tuple:
-    "One seed of H3: TSCD LoRA → + feedback LoRA → merged → DMD + MSE (unified); (per-model metrics, losses, the unified model)."
-    fb, uni, distill = fb0.replace(seed=seed), uni0.replace(seed=seed), distill0.replace(seed=seed)
-    model = cached_student("tscd", distill) if cache else digits_student("tscd", distill, tea)
-    model = model.requires_grad_(False)
-    res = {"tscd": {s: _reward_stats(model, ev, s) for s in STEPS}}
-    seed_everything(seed); fb_out = train_feedback_lora(model, alpha_d, fb)
-    res["tscd+feedback"] = {s: _reward_stats(model, ev, s) for s in STEPS}
-    merge_adapters(model, ["tscd", "feedback"], [1.0, 1.0], "unified")
-    seed_everything(seed); uni_out = train_unified(model, tea, alpha_d, uni)
-    res["unified"] = {s: _reward_stats(model, ev, s) for s in STEPS}
-    res["unified (TCD η=0.3)"] = {s: ev(ev.sample(model, s, eta=0.3, t_max=799)) for s in STEPS}
-    res["unified (from t=999)"] = {s: ev(ev.sample(model, s, t_max=999)) for s in STEPS}
-    losses = {"feedback_first_last": [fb_out["losses"][0], fb_out["losses"][-1]], "unified_first_last": [uni_out["losses"][0], uni_out["losses"][-1]]}
-    return res, losses, model
+def _h3_seed(args)->dict:
+    "One seed of H3: its own teacher and TSCD LoRA (H2's configs) → + feedback LoRA → merged → DMD + MSE (unified), every model from t=999."
+    seed, tcfg, dcfg, fb, uni, n_eval, keep = args
+    tcfg, dcfg, fb, uni = (c.replace(seed=seed) for c in (tcfg, dcfg, fb, uni))
+    with beta_schedule(tcfg.schedule):
+        tea = digits_teacher(tcfg); ev = DigitsEval(n=n_eval); rc = reward_classifier(); digits_segmenter()
+        with torch.no_grad(): alpha_d = float(class_margin(rc, ev.sample(tea, 25, uni.guidance).clamp(-1, 1), ev.y).median())
+        model = cached_student("tscd", dcfg, tcfg)
+        out = {"alpha_d": alpha_d, "teacher": _h3_stats(tea, ev, uni.guidance), "tscd": _h3_stats(model, ev)}
+        out["teacher"]["25"] = ev(ev.sample(tea, 25, uni.guidance))
+        seed_everything(seed); fo = train_feedback_lora(model, alpha_d, fb); out["tscd+feedback"] = _h3_stats(model, ev)
+        merge_adapters(model, ["tscd", "feedback"], [1.0, 1.0], "unified"); out["merged"] = _h3_stats(model, ev)   # the DMD stage's own start
+        seed_everything(seed); uo = train_unified(model, tea, alpha_d, uni); out["unified"] = _h3_stats(model, ev)
+        out["unified (TCD η=0.3)"] = {str(s): ev(ev.sample(model, s, eta=0.3)) for s in STEPS}
+        out["active_rate"] = {"feedback": fo["active_rate"], "unified": uo["active_rate"]}
+        out["losses"] = {"feedback_first_last": [fo["losses"][0], fo["losses"][-1]], "unified_first_last": [uo["losses"][0], uo["losses"][-1]]}
+        if keep: out["samples"] = {s: ev.sample(model, s)[:30].clamp(-1, 1) for s in STEPS}
+    return out
 
-def _h3_table(res_teacher:dict, runs:list)->list:
+def _h3_table(runs:list)->list:
     "pixel-FD / classifier-FD / accuracy / reward stand-ins per model and step count (mean ± sd over seeds)."
-    V = lambda m, s, k: np.array([r[m][s][k] for r in runs])
-    table = [{"model": "teacher (CFG ω=2)", "steps": s, "pixel-FD": f"{d['pixel_fd']:.2f}", "clf-FD": f"{d['clf_fd']:.1f}", "acc": f"{100*d['acc']:.1f}%",
-              "reward (stand-in)": f"{d['reward']:.3f}", "contrast": f"{d['contrast']:.3f}"} for s, d in res_teacher.items()]
-    for m in runs[0]:
-        for s in STEPS:
-            row = {"model": m, "steps": s, "pixel-FD": _ms(V(m, s, "pixel_fd"), "{:.2f}"), "clf-FD": _ms(V(m, s, "clf_fd"), "{:.1f}"),
-                   "acc": _ms(100 * V(m, s, "acc"), "{:.1f}") + "%"}
-            if "reward" in runs[0][m][s]: row.update({"reward (stand-in)": _ms(V(m, s, "reward")), "contrast": _ms(V(m, s, "contrast"))})
-            else: row.update({"reward (stand-in)": "", "contrast": ""})
+    V = lambda m, s, k: np.array([r[m][str(s)][k] for r in runs]); table = []
+    for m in [*H3_ARMS, "unified (TCD η=0.3)"]:
+        for s in STEPS + ((25,) if m == "teacher" else ()):
+            row = {"model": m + (" (CFG ω=2)" if m == "teacher" else ""), "steps": s, "pixel-FD": _ms(V(m, s, "pixel_fd"), "{:.2f}"),
+                   "clf-FD": _ms(V(m, s, "clf_fd"), "{:.1f}"), "acc": _ms(100 * V(m, s, "acc"), "{:.1f}") + "%"}
+            has = "reward" in runs[0][m][str(s)]
+            row.update({"reward margin": _ms(V(m, s, "reward"), "{:.2f}") if has else "", "contrast": _ms(V(m, s, "contrast")) if has else ""})
             table.append(row)
     return table
 
 # %% ../nbs/50_hyper_sd.ipynb #590805f5
-def _h3_figure(first_model:nn.Module, ev:DigitsEval, runs:list, seed:int):
-    "The first seed's unified-LoRA samples at 1/2/4/8 steps, and classifier-FD / accuracy against steps (mean ± sd over seeds)."
+def _h3_figure(samples:dict, runs:list, seed:int):
+    "The first seed's unified-LoRA samples at 1/2/4/8 steps, and classifier-FD against steps per model (mean ± sd over seeds)."
     import matplotlib.pyplot as plt
-    V = lambda m, s, k: np.array([r[m][s][k] for r in runs])
-    fig, axs = plt.subplots(3, 4, figsize=(8, 6.4))
+    V = lambda m, s: np.array([r[m][str(s)]["clf_fd"] for r in runs])
+    fig, axs = plt.subplots(2, 4, figsize=(8, 4.4))
     for j, s in enumerate(STEPS):
-        x = sample_ddim(first_model, None, s, x=ev.z[:30], cond=ev.y[:30], timesteps=start_timesteps(s, 799)).clamp(-1, 1)
-        axs[0, j].imshow(x.reshape(3, 10, 8, 8).permute(0, 2, 1, 3).reshape(24, 80), cmap="gray", vmin=-1, vmax=1); axs[0, j].set_title(f"unified (seed {seed}), {s} step{'s' * (s > 1)}", fontsize=8)
-        for ax in axs[:, j]: ax.axis("off")
-    for i, key in enumerate(("clf_fd", "acc")):
-        ax = axs[1 + i, 0]; ax.axis("on")
-        for m in ("tscd", "tscd+feedback", "unified"): ax.errorbar(STEPS, [V(m, s, key).mean() for s in STEPS], yerr=[V(m, s, key).std() for s in STEPS], marker="o", label=m)
-        ax.set_xscale("log", base=2); ax.set_title(key + " (mean ± sd over seeds)", fontsize=8); ax.legend(fontsize=6)
-        if key == "clf_fd": ax.set_yscale("log")
+        axs[0, j].imshow(samples[s].reshape(3, 10, 8, 8).permute(0, 2, 1, 3).reshape(24, 80), cmap="gray", vmin=-1, vmax=1)
+        axs[0, j].set_title(f"unified (seed {seed}), {s} step{'s' * (s > 1)}", fontsize=8); axs[0, j].axis("off")
+    for ax in axs[1, 1:]: ax.axis("off")
+    ax = axs[1, 0]
+    for m in ("teacher", "tscd", "merged", "unified"): ax.errorbar(STEPS, [V(m, s).mean() for s in STEPS], yerr=[V(m, s).std() for s in STEPS], marker="o", label=m)
+    ax.set_xscale("log", base=2); ax.set_yscale("log"); ax.set_title("classifier-FD from t=999", fontsize=8); ax.legend(fontsize=6)
     fig.tight_layout(); plt.close(fig); return fig
 
 H3_PAPER = {"table4_unified_SDXL_CLIP": {"8": 32.54, "4": 32.51, "2": 32.59, "1": 32.59}, "table4_unified_SD15_CLIP": {"8": 30.73, "4": 31.07, "2": 31.21, "1": 30.87},
@@ -994,50 +1014,56 @@ H3_PAPER = {"table4_unified_SDXL_CLIP": {"8": 32.54, "4": 32.51, "2": 32.59, "1"
             "table3_w_feedback_ImageReward": {"DMD 1": 0.82, "TSCD 1": 1.06, "TSCD 2": 1.04, "TSCD 4": 0.93, "TSCD 8": 0.93},
             "provenance": "[paper] Tables 3–5 (COCO-5k); reward models here are in-repo stand-ins, not ImageReward/Aes/CLIP"}
 
+# %% ../nbs/50_hyper_sd.ipynb #d3b129b0
+def h3_checks(runs:list, pro:dict)->dict:
+    "H3's role-tagged checks from per-seed results runs[i][model][steps][metric] (paired seeds)."
+    V = lambda m, s, k="clf_fd": np.array([r[m][str(s)][k] for r in runs]); a, mg = pro["alpha"], pro["margin"]
+    t = lambda A, B, **kw: sign_flip_test(A, B, alpha=a, **kw)
+    act = min(r["active_rate"]["feedback"] for r in runs)
+    vals = [v for r in runs for m in H3_ARMS for d in r[m].values() for v in d.values()]
+    return {
+        "DMD lowers 1-step clf-FD below its own start": claim_test(t(V("merged", 1), V("unified", 1)), primary=True, unit="clf-FD",
+              note="effect = clf-FD(merged LoRA before DMD) − clf-FD(after), 1 step from t=999"),
+        "feedback raises its reward at 4 steps": claim_test(t(V("tscd+feedback", 4, "reward"), V("tscd", 4, "reward")), unit="logit margin"),
+        f"feedback keeps held-out clf-FD at 4 steps (margin {mg:g})": claim_test(t(V("tscd", 4), V("tscd+feedback", 4), margin=mg), unit="clf-FD",
+              note=f"non-inferiority: effect = clf-FD(TSCD) − clf-FD(+feedback) > −{mg:g}"),
+        f"unified LoRA keeps TSCD's clf-FD at 4 steps (margin {mg:g})": claim_test(t(V("tscd", 4), V("unified", 4), margin=mg), unit="clf-FD",
+              note=f"non-inferiority: effect = clf-FD(TSCD) − clf-FD(unified) > −{mg:g}"),
+        "DMD stage below TSCD alone at 1 step": claim_test(t(V("tscd", 1), V("unified", 1)), post_hoc=True, unit="clf-FD", note="the old check; reported only"),
+        "teachers usable from t=999": guard(min(r["teacher"]["25"]["acc"] for r in runs) >= pro["teacher_acc_min"], "every seed's teacher, 25 CFG steps: class accuracy",
+              value=100 * min(r["teacher"]["25"]["acc"] for r in runs), threshold=100 * pro["teacher_acc_min"], unit="%"),
+        "feedback hinge active": guard(act >= pro["active_min"], "every seed: fraction of feedback-training samples with reward below α_d (the hinge's gradient is on)",
+              value=act, threshold=pro["active_min"]),
+        "metrics finite": guard(bool(np.isfinite(vals).all()), "every metric of every model, step count and seed"),
+        "min. detectable effect": seeds_gate(pro["pilot_sd"], len(runs), pro["sesoi"], a, pro["power"], unit="clf-FD"),
+    }
+
 # %% ../nbs/50_hyper_sd.ipynb #7dfdb258
-@experiment("hyper_sd", "h3_unified", "feedback LoRA + DMD/MSE one-step stage → one LoRA for 1/2/4/8 steps (digits)", ci=False)
-def h3_unified(scale:str="quick", seeds:list|None=None, fb:FeedbackConfig|None=None, uni:UnifiedConfig|None=None,
-               distill:DigitsDistillConfig|None=None, n_eval:int=1000, cache:bool=True)->Record:
-    "H3: feedback raises its reward, DMD+MSE improves 1-step quality over TSCD, and the unified LoRA works at 1–8 steps (paired seeds)."
-    seeds = list(seeds if seeds is not None else [0, 1, 2])
-    fb0, uni0, distill0 = fb or FeedbackConfig(), uni or UnifiedConfig(), distill or DigitsDistillConfig()
-    tea = digits_teacher(); ev = DigitsEval(n=n_eval); w = uni0.guidance; rc = reward_classifier(); digits_segmenter()
-    with torch.no_grad():
-        xt = ev.sample(tea, 25, w, t_max=999).clamp(-1, 1); alpha_d = float(class_reward(rc, xt, ev.y).median())
-    res_teacher = {s: _reward_stats(tea, ev, s, w) for s in STEPS}
-    out = [_h3_seed(seed, tea, ev, alpha_d, fb0, uni0, distill0, cache) for seed in progress(seeds, desc="H3 seeds")]
-    runs, losses = [o[0] for o in out], [o[1] for o in out]
-    checks = h3_checks(runs)
-    V = lambda m, s, k: np.array([r[m][s][k] for r in runs]); mu = lambda m, s, k: float(V(m, s, k).mean())
-    acc_u = [mu("unified", s, "acc") for s in STEPS]
+@experiment("hyper_sd", "h3_unified", "feedback LoRA + DMD/MSE one-step stage → one LoRA for 1/2/4/8 steps (digits, per-seed teachers, from t=999)", ci=False)
+def h3_unified(scale:str="quick", seeds:list|None=None, teacher:DigitsTeacherConfig|None=None, distill:DigitsDistillConfig|None=None,
+               fb:FeedbackConfig|None=None, uni:UnifiedConfig|None=None, n_eval:int|None=None)->Record:
+    "H3 as pre-registered: DMD + MSE against its own start at 1 step, feedback's reward and held-out FD, the unified LoRA at 4 steps (paired seeds)."
+    pro = protocol("hyper_sd", "h3_unified"); seeds = list(pro["seeds"] if seeds is None else seeds)
+    if set(seeds) & set(pro["pilot_seeds"]): raise ConfigError(f"seeds {seeds} overlap the pilot seeds {pro['pilot_seeds']}; use fresh seeds")
+    tcfg = teacher or DigitsTeacherConfig(**pro["teacher"]); dcfg = distill or DigitsDistillConfig(**pro["distill"])
+    fb0, uni0 = fb or FeedbackConfig(**pro["feedback"]), uni or UnifiedConfig(**pro["unified"]); n_eval = n_eval or pro["n_eval"]
+    out = run_parallel(_h3_seed, [(s, tcfg, dcfg, fb0, uni0, n_eval, i == 0) for i, s in enumerate(seeds)], desc="H3 seed")
+    runs = [{k: v for k, v in r.items() if k != "samples"} for r in out]
+    checks = h3_checks(runs, pro); c = checks["DMD lowers 1-step clf-FD below its own start"]
+    fdm = lambda m: " / ".join(f"{np.mean([r[m][str(s)]['clf_fd'] for r in runs]):.0f}" for s in STEPS)
+    act = lambda k: np.mean([r["active_rate"][k] for r in runs])
     return Record("hyper_sd", "h3_unified",
-        claim="Human feedback (a separate, merged LoRA) raises the reward it optimises without the held-out metric getting worse beyond the seed spread; DMD + MSE on top improves 1-step quality over TSCD; the resulting single LoRA samples at 1–8 steps with roughly flat prompt fidelity (Tables 3–5).",
-        metrics={"teacher": {str(s): v for s, v in res_teacher.items()}, "alpha_d": alpha_d, "losses": losses,
-                 "per_seed": [{m: {str(s): v for s, v in d.items()} for m, d in r.items()} for r in runs]}, checks=checks, seeds=seeds,
-        summary=(f"reward@4 TSCD {mu('tscd', 4, 'reward'):.3f} → +feedback {mu('tscd+feedback', 4, 'reward'):.3f}; clf-FD@4 {_ms(V('tscd', 4, 'clf_fd'), '{:.1f}')} → {_ms(V('tscd+feedback', 4, 'clf_fd'), '{:.1f}')}; "
-                 f"1-step clf-FD TSCD {mu('tscd', 1, 'clf_fd'):.1f}, merged {mu('tscd+feedback', 1, 'clf_fd'):.1f}, unified {mu('unified', 1, 'clf_fd'):.1f}; unified acc 1/2/4/8 = " + " / ".join(f"{100*a:.0f}%" for a in acc_u)
-                 + f" ({len(seeds)} seeds, means)"),
+        claim="DMD + MSE on the merged TSCD + feedback LoRA improves its own 1-step quality; the feedback LoRA raises its reward without hurting held-out fidelity; the unified LoRA keeps TSCD's 4-step fidelity (Sec. 3.2-3.3, Tables 3-5).",
+        metrics={"runs": runs}, checks=checks, seeds=seeds, protocol=pro, protocol_hash=config_hash(pro),
+        summary=f"classifier-FD at 1/2/4/8 steps from t=999 ({len(seeds)} seeds): teacher {fdm('teacher')} · TSCD {fdm('tscd')} · merged {fdm('merged')} · unified {fdm('unified')}; "
+                f"merged − unified at 1 step {c.effect:+.1f} [{c.lo:+.1f}, {c.hi:+.1f}], p = {c.p:.3g}; hinge active {100*act('feedback'):.0f} % (feedback), {100*act('unified'):.0f} % (DMD stage)",
         paper_numbers=H3_PAPER,
         paper_summary="Table 5: TSCD+RLHF raises ImageReward 0.64→1.04 at 2 steps; TSCD+DMD 1-step 0.85 vs TCD+DMD 0.31; Table 4: unified SDXL LoRA CLIP 32.51–32.59 over 1–8 steps [paper]",
-        config={"feedback": fb0.to_dict(), "unified": uni0.to_dict(), "distill": distill0.to_dict(), "alpha_d": alpha_d, "n_eval": n_eval},
-        table=_h3_table(res_teacher, runs), scale=scale, figs={"h3_unified": _h3_figure(out[0][2], ev, runs, seeds[0])},
-        notes="Reward stand-ins: class log-prob under a second in-repo classifier ('ImageReward' role), stroke contrast ('aesthetic' role), a tiny conv segmenter ('SOLO' role). "
-              "Seeds are paired: seed s uses the TSCD LoRA of H2's seed s and the same evaluation noises; thresholds stated in the checks.")
-
-# %% ../nbs/50_hyper_sd.ipynb #d3b129b0
-def h3_checks(runs:list)->dict:
-    "H3's checks from per-seed results runs[i][model][steps][metric] (paired seeds)."
-    V = lambda m, s, k: np.array([r[m][s][k] for r in runs])
-    d_fd = V("tscd+feedback", 4, "clf_fd") - V("tscd", 4, "clf_fd")
-    spread = float(V("tscd", 4, "clf_fd").std(ddof=1)) if len(runs) > 1 else 0.10 * float(V("tscd", 4, "clf_fd").mean())
-    acc = np.array([[r["unified"][s]["acc"] for s in STEPS] for r in runs])
-    return {
-        "feedback LoRA raises its reward (4 steps) on every seed": bool((V("tscd+feedback", 4, "reward") > V("tscd", 4, "reward")).all()),
-        "held-out classifier-FD (4 steps) after feedback: mean increase ≤ the seed spread of TSCD's (sd; 10 % with one seed)": bool(d_fd.mean() <= spread),
-        "DMD+MSE: 1-step classifier-FD below the pre-DMD merged LoRA's on every seed": bool((V("unified", 1, "clf_fd") < V("tscd+feedback", 1, "clf_fd")).all()),
-        "DMD+MSE: 1-step classifier-FD below TSCD alone on every seed": bool((V("unified", 1, "clf_fd") < V("tscd", 1, "clf_fd")).all()),
-        "unified LoRA: class accuracy within 0.10 across 1–8 steps on every seed": bool((acc.max(1) - acc.min(1) <= 0.10).all()),
-    }
+        config={"teacher": tcfg.to_dict() | {"seed": "= seed"}, "distill": dcfg.to_dict() | {"seed": "= seed"}, "feedback": fb0.to_dict() | {"seed": "= seed"},
+                "unified": uni0.to_dict() | {"seed": "= seed"}, "n_eval": n_eval},
+        table=_h3_table(runs), scale=scale, figs={"h3_unified": _h3_figure(out[0]["samples"], runs, seeds[0])},
+        notes="Reward stand-ins: the logit margin of the prompted class under a second in-repo classifier ('ImageReward' role; α_d = the seed's teacher's median), "
+              "stroke contrast ('aesthetic' role, reported), a tiny conv segmenter ('SOLO' role). 'merged' is the DMD stage's own start.")
 
 # %% ../nbs/50_hyper_sd.ipynb #fb26d122
 @dataclasses.dataclass
@@ -1056,46 +1082,70 @@ class RingDMDConfig(Config):
 
 def ring_one_step(student:nn.Module, teacher:nn.Module, cfg:RingDMDConfig=RingDMDConfig(), seed:int=0)->nn.Module:
     "DMD + MSE one-step training of a copy of `student` as G(z) = x̂0(z, t*) (shared dmd_loss and FakeScoreTrainer)."
-    model = copy.deepcopy(student).train().requires_grad_(True)
+    model = copy.deepcopy(student).train().requires_grad_(True); B = cfg.batch_size
     g0 = torch.Generator().manual_seed(seed + 5); zb = torch.randn(cfg.bank, 2, generator=g0)
-    xb = sample_ddim(teacher, None, cfg.bank_steps, x=zb)
+    xb = sample_ddim(teacher, None, cfg.bank_steps, x=zb, timesteps=start_timesteps(cfg.bank_steps, cfg.t_star))
     fake = make_fake_score(teacher, cfg)
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     def step(i):
-        g = step_generator(seed + 99, i); z = torch.randn(cfg.batch_size, 2, generator=g)
-        x = one_step(model, z, cfg.t_star)
-        fake.update(lambda: x.detach(), g)
+        g = step_generator(seed + 99, i)
+        fake.update(lambda: one_step(model, torch.randn(B, 2, generator=g), cfg.t_star), g)   # each fake update on a fresh generator batch
+        x = one_step(model, torch.randn(B, 2, generator=g), cfg.t_star)
         l_dmd = dmd_loss(x, teacher, fake.model, generator=g)
-        j = torch.randint(0, cfg.bank, (cfg.batch_size,), generator=g)
+        j = torch.randint(0, cfg.bank, (B,), generator=g)
         loss = l_dmd + cfg.lam_mse * F.mse_loss(one_step(model, zb[j], cfg.t_star), xb[j])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); return loss.detach()
     fit(step, cfg.iters, desc="ring DMD + MSE"); return model.eval().requires_grad_(False)
 
+# %% ../nbs/50_hyper_sd.ipynb #5e7a1c93
+def _ring_dmd_seed(args)->dict:
+    "One seed of the ring one-step experiment: its teacher, the TSCD and CD students, each before/after DMD + MSE (SW-2 at 1/2/4/8 steps)."
+    seed, iters, teacher_steps, dmd, n_eval = args
+    tea = ring_teacher(seed, teacher_steps); out = {"teacher_50": ring_sw(tea, 50, seed, n_eval)}
+    for m in ("tscd", "cd"):
+        st = ring_student(m, seed, iters, teacher_steps, tea); d = ring_one_step(st, tea, dmd, seed)
+        out[m] = {str(s): ring_sw(st, s, seed, n_eval) for s in STEPS}; out[m + "+dmd"] = {str(s): ring_sw(d, s, seed, n_eval) for s in STEPS}
+    return out
+
+def ring_dmd_checks(runs:list, pilot:list, pro:dict)->dict:
+    "The ring one-step experiment's role-tagged checks (paired seeds); effects are SW-2 differences (positive: the claim's direction)."
+    V = lambda R, m, s=1: np.array([r[m][str(s)] for r in R]); a = pro["alpha"]
+    d = V(pilot, "tscd") - V(pilot, "tscd+dmd") if pilot else np.array([])
+    fin = bool(np.isfinite([v for r in runs for m in ("tscd", "tscd+dmd", "cd", "cd+dmd") for v in r[m].values()]).all())
+    return {
+        "DMD lowers the TSCD student's 1-step SW": claim_test(sign_flip_test(V(runs, "tscd"), V(runs, "tscd+dmd"), alpha=a), primary=True, unit="SW-2"),
+        "TSCD+DMD < CD+DMD at 1 step": claim_test(sign_flip_test(V(runs, "cd+dmd"), V(runs, "tscd+dmd"), alpha=a), unit="SW-2"),
+        "DMD lowers the CD student's 1-step SW": claim_test(sign_flip_test(V(runs, "cd"), V(runs, "cd+dmd"), alpha=a), post_hoc=True, unit="SW-2", note="reported only"),
+        "teachers sample the ring": guard(max(r["teacher_50"] for r in runs) <= pro["teacher_sw50_max"], "every seed's teacher at 50 steps",
+                                          value=max(r["teacher_50"] for r in runs), threshold=pro["teacher_sw50_max"], unit="SW-2"),
+        "students finite": guard(fin, "every SW of every arm, step count and seed is finite"),
+        "min. detectable effect": seeds_gate(float(np.std(d, ddof=1)), len(runs), pro["sesoi"], a, pro["power"], unit="SW-2")
+                                  if len(d) > 1 else power_gate(float("inf"), pro["sesoi"], at_most=True, unit="SW-2", note="no pilot seeds: no power"),
+    }
+
 # %% ../nbs/50_hyper_sd.ipynb #4e929847
 @experiment("hyper_sd", "h3_ring_dmd", "the DMD + MSE one-step stage on the ring's TSCD and CD students (1-step SW before/after)", ci=False)
-def h3_ring_dmd(scale:str="quick", seeds:list|None=None, iters:int=4000, teacher_steps:int=4000, dmd:RingDMDConfig|None=None, n_eval:int=4000)->Record:
-    "Test (d): 1-step SW of the TSCD student before/after DMD + MSE on every seed; TSCD+DMD vs CD+DMD (Table 5's shape)."
-    seeds = list(seeds if seeds is not None else range(3)); dmd = dmd or RingDMDConfig()
-    sw = {k: {s: [] for s in STEPS} for k in ("tscd", "tscd+dmd", "cd", "cd+dmd")}
-    for seed in progress(seeds, desc="ring DMD seeds"):
-        tea = ring_teacher(seed, teacher_steps)
-        for m in ("tscd", "cd"):
-            st = ring_student(m, seed, iters, teacher_steps, tea); d = ring_one_step(st, tea, dmd, seed)
-            for s in STEPS: sw[m][s].append(ring_sw(st, s, seed, n_eval)); sw[m + "+dmd"][s].append(ring_sw(d, s, seed, n_eval))
-    A = {k: {s: np.array(v[s]) for s in STEPS} for k, v in sw.items()}
-    checks = {"TSCD+DMD 1-step SW < TSCD 1-step SW on every seed": bool((A["tscd+dmd"][1] < A["tscd"][1]).all()),
-              "TSCD+DMD < CD+DMD at 1 step (mean over seeds)": bool(A["tscd+dmd"][1].mean() < A["cd+dmd"][1].mean())}
-    table = [{"steps": s, **{k: _ms(sw[k][s]) for k in sw}} for s in STEPS]
+def h3_ring_dmd(scale:str="quick", seeds:list|None=None, pilot_seeds:list|None=None, iters:int=4000, teacher_steps:int=4000,
+                dmd:RingDMDConfig|None=None, n_eval:int=4000)->Record:
+    "As pre-registered: 1-step SW of the TSCD student before/after DMD + MSE; TSCD+DMD vs CD+DMD (Table 5's shape); paired seeds, pilot seeds for the gate."
+    pro = protocol("hyper_sd", "h3_ring_dmd"); dmd = dmd or RingDMDConfig(**pro["dmd"])
+    seeds = list(pro["seeds"] if seeds is None else seeds); pilot_seeds = list(pro["pilot_seeds"] if pilot_seeds is None else pilot_seeds)
+    if set(seeds) & set(pilot_seeds): raise ConfigError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}; use separate pilot seeds")
+    out = run_parallel(_ring_dmd_seed, [(s, iters, teacher_steps, dmd, n_eval) for s in seeds + pilot_seeds], desc="ring DMD seed")
+    runs, pil = out[:len(seeds)], out[len(seeds):]
+    checks = ring_dmd_checks(runs, pil, pro); c = checks["DMD lowers the TSCD student's 1-step SW"]
+    arms = ("tscd", "tscd+dmd", "cd", "cd+dmd"); sw = lambda R: {m: {str(s): [r[m][str(s)] for r in R] for s in STEPS} for m in arms}
+    table = [{"steps": s, **{m: mean_std([r[m][str(s)] for r in runs], ".3f") for m in arms}} for s in STEPS]
     return Record("hyper_sd", "h3_ring_dmd",
-        claim="The DMD + MSE one-step stage improves 1-step quality over TSCD alone, and works better on top of TSCD than on top of CD (Table 5: TSCD+DMD vs TCD+DMD).",
-        metrics={"sw": {k: {str(s): v[s] for s in STEPS} for k, v in sw.items()}}, checks=checks, seeds=seeds,
-        summary=f"1-step SW: TSCD {A['tscd'][1].mean():.3f} → TSCD+DMD {A['tscd+dmd'][1].mean():.3f}; CD {A['cd'][1].mean():.3f} → CD+DMD {A['cd+dmd'][1].mean():.3f} (per seed TSCD→+DMD: "
-                + ", ".join(f"{a:.3f}→{b:.3f}" for a, b in zip(sw["tscd"][1], sw["tscd+dmd"][1])) + ")",
+        claim="The DMD + MSE one-step stage improves the TSCD student's 1-step quality over its own start, and ends better on top of TSCD than on top of CD (Table 5: TSCD+DMD vs TCD+DMD).",
+        metrics={"sw": sw(runs), "teacher_50": [r["teacher_50"] for r in runs], "pilot": {"seeds": pilot_seeds, "sw": sw(pil)}}, checks=checks, seeds=seeds,
+        summary=f"1-step SW ({len(seeds)} seeds): TSCD {np.mean(sw(runs)['tscd']['1']):.3f} → +DMD {np.mean(sw(runs)['tscd+dmd']['1']):.3f}; CD {np.mean(sw(runs)['cd']['1']):.3f} → +DMD "
+                f"{np.mean(sw(runs)['cd+dmd']['1']):.3f}; TSCD − TSCD+DMD {c.effect:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}], p = {c.p:.3g}",
         paper_numbers={"table5_1step_ImageReward": {"DMD": 0.35, "TCD+DMD": 0.31, "TSCD+DMD": 0.85}, "provenance": "[paper] Table 5 (SDXL, COCO-5k)"},
         paper_summary="Table 5: 1-step ImageReward TSCD+DMD 0.85 vs TCD+DMD 0.31 vs DMD 0.35 [paper]",
-        config={"students": {"iters": iters, "teacher_steps": teacher_steps}, "dmd": dmd.to_dict(), "n_eval": n_eval},
-        table=table, scale=scale,
-        notes="Whole-MLP fine-tuning at t*=999; lr chosen on seed 0 (see the notebook), seeds 1-2 replicate. Strict inequalities, no margins.")
+        config={"students": {"iters": iters, "teacher_steps": teacher_steps}, "dmd": dmd.to_dict(), "n_eval": n_eval, "pilot_seeds": pilot_seeds},
+        protocol=pro, protocol_hash=config_hash(pro), table=table, scale=scale,
+        notes="Whole-MLP fine-tuning at t*=999; each of the 5 fake-score updates per generator step draws a fresh generator batch.")
 
 # %% ../nbs/50_hyper_sd.ipynb #7496b3b8
 @benchmark("hyper_sd", "sampling_speed", "images/s of the LoRA student at 1/2/4/8 steps vs the CFG teacher at 25/50 steps")
