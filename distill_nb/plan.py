@@ -3,7 +3,7 @@
 # %% ../nbs/07b_plan.ipynb #b7p00002
 """A memory planner for the full-scale launchers: parameters, gradients, optimizer states and measured activations per phase"""
 from __future__ import annotations
-import dataclasses, hashlib, json, math, weakref, contextlib, itertools
+import dataclasses, hashlib, json, math, weakref, contextlib, itertools, copy
 from pathlib import Path
 from typing import Callable
 
@@ -468,6 +468,22 @@ CLIP_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, n
 CLIP_L_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
                      patch_size=14, projection_dim=768, hidden_act="quick_gelu")
 
+_META_UNETS = {}   # (architecture, adapters) -> one meta-device UNet per process, shared: each caller sets the state it needs
+
+def _meta_unet(ukw:dict, adapters:tuple):
+    "A UNet of `ukw` with LoRA `adapters` ((name, rank), ...); on the meta device built once per process (peft's add_adapter scans every existing adapter layer per module: tens of seconds at SDXL size)."
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from distill_nb.hyper_sd import _LORA_TARGETS
+    meta = torch.empty(0).device.type == "meta"   # real weights (measured activations) are never cached
+    key = (json.dumps(ukw, sort_keys=True, default=str), adapters)
+    if not meta or key not in _META_UNETS:
+        u = UNet2DConditionModel(**ukw).requires_grad_(False)
+        for name, r in adapters: u.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=_LORA_TARGETS), name)
+        if not meta: return u
+        _META_UNETS[key] = u
+    return _META_UNETS[key]
+
 @planner("hyper_sd")
 def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
     "TSCD stages (LoRA), the feedback LoRA (ReFL through the VAE decoder and reward models), DMD (merged LoRA + a full fake-score copy)."
@@ -483,18 +499,20 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
         ukw = {k: v for k, v in json.loads((p/"unet"/"config.json").read_text()).items() if not k.startswith("_")}; src = "base_model's unet/config.json"
     F_it, D_it = cfg.feedback_iters, cfg.dmd_iters; R = cfg.lora_rank + (cfg.feedback_rank if F_it else 0)
     def unet(adapters=(), ckpt=None):
-        u = UNet2DConditionModel(**ukw).requires_grad_(False)
-        for name, r in adapters: u.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=_LORA_TARGETS), name)
-        if ckpt if ckpt is not None else cfg.gradient_checkpointing: u.enable_gradient_checkpointing()
+        u = _meta_unet(ukw, tuple(adapters))
+        if adapters: u.set_adapter(adapters[-1][0])   # as add_adapter leaves it: the last one on (callers then set requires_grad)
+        u.enable_gradient_checkpointing() if (ckpt if ckpt is not None else cfg.gradient_checkpointing) else u.disable_gradient_checkpointing()
         return u
     adapters = [("default", cfg.lora_rank), ("ema", cfg.lora_rank)] + ([("feedback", cfg.feedback_rank)] if F_it else []) + ([("merged", R)] if D_it else [])
     import functools
-    @functools.lru_cache(None)      # the same meta modules for the phases that train the same adapter (the TSCD stages)
-    def base(train:str):
+    def base(train:str):   # the shared UNet set to train `train`, with the frozen models of the stage
         u = unet(adapters)
         u.set_adapters(["default", "feedback"]) if train == "feedback" else u.set_adapter(train)   # active as in the launcher (add_adapter leaves the last one on)
         for n, q in u.named_parameters(): q.requires_grad_(f".{train}." in n)
-        mods = {"unet": u, "vae": _frozen(AutoencoderKL(**SD_VAE)), "text_encoder": _frozen(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)))}
+        return {"unet": u, **frozen()}
+    @functools.lru_cache(None)      # the same frozen meta modules for every phase
+    def frozen():
+        mods = {"vae": _frozen(AutoencoderKL(**SD_VAE)), "text_encoder": _frozen(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)))}
         if cfg.arch == "sdxl": mods["text_encoder_2"] = _frozen(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT)))
         if F_it or (D_it and cfg.lam_feedback): mods["reward"] = _frozen(ClipMLPReward(CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L_VISION)), [768, 1024, 128, 64, 16, 1]))
         if F_it and cfg.lam_percep: mods["seg"] = SegFeedback(SegformerForSemanticSegmentation(SegformerConfig(num_labels=150)))
