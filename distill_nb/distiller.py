@@ -875,10 +875,10 @@ def _e3_gains(runs:dict, cells:Sequence[tuple])->dict:
     return {c: [a["acc"] - b["acc"] for a, b in zip(runs[(*c, True)], runs[(*c, False)])] for c in cells}
 
 def _e3_checks(gain:dict, pilot_gain:Sequence[float], pro:dict, lowest:float, majority:float, finite:bool)->dict:
-    "E3's checks: the primary gain at small n, the data-size interaction, a guard, and two power gates."
+    "E3's checks: the primary gain at small n, the data-size interaction, a guard, and two power gates (a fixed `pilot_sd` in `pro` wins)."
     (st, lo), (_, hi) = E3_CELLS
     zero = [0.0] * len(gain[(st, lo)]); t = lambda a, b: sign_flip_test(a, b, alpha=pro["alpha"])
-    pilot_sd = float(np.std(pilot_gain, ddof=1)) if len(pilot_gain) > 1 else float("inf")
+    pilot_sd = float(pro["pilot_sd"]) if pro.get("pilot_sd") is not None else float(np.std(pilot_gain, ddof=1)) if len(pilot_gain) > 1 else float("inf")
     return {
         f"aug > no aug ({st}, n={lo})": claim_test(t(gain[(st, lo)], zero), True, unit="points", note="a boost for small data"),
         f"gain at n={lo} > gain at n={hi} ({st})": claim_test(t(gain[(st, lo)], gain[(st, hi)]), unit="points",
@@ -899,7 +899,8 @@ def _e3_figure(gain:dict, title:str):
     ax.set_ylabel("accuracy gain from the copies (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7); plt.close(fig); return fig
 
 # %% ../nbs/10_distiller.ipynb #528291e1
-@experiment("distiller", "e3_augmentation", "augmentation x data size x student size (teacher re-labels the copies), epochs, paired seeds", ci=False, min_seeds=2)
+@experiment("distiller", "e3_augmentation", "augmentation x data size x student size (teacher re-labels the copies), epochs, paired seeds", ci=False, min_seeds=2,
+            tiers=("extended",))   # 11 seeds of four cells: about half an hour on 2 cores, beyond the quick tier's share
 def e3_augmentation(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, epochs:int|None=None, lr:float=5e-4)->Record:
     "E3: the gain from teacher-relabelled augmentation by data size and student size, every run for the same epochs."
     pro = protocol("distiller", "e3_augmentation", scale=scale); cpu0 = time.process_time()
