@@ -817,7 +817,7 @@ def similarity_figure(grid:dict, metric:str="knn"):
     for ax, t_ in zip(axs[0], tg):
         for c in (c for c in grid["cells"] if c["target"] == t_ and not c.get("pilot")):
             for i, s in enumerate(c["sources"]):
-                ax.scatter(c["sims"][metric][i], 100 * c["single"][i], color=f"C{list(SOURCES).index(s)}",
+                ax.scatter(c["sims"][metric][i], 100 * c["single"][i], color=f"C{list(SOURCE_DOMAINS).index(s)}",
                            marker="o" if c["seed"] == first else "^", label=s if c["seed"] == first else None)
         ax.set_title(t_, fontsize=9); ax.set_xlabel(f"similarity ({metric})", fontsize=8); ax.legend(fontsize=6)
     axs[0][0].set_ylabel("single-source distillation acc (%)"); fig.tight_layout(); plt.close(fig)
@@ -826,7 +826,8 @@ def similarity_figure(grid:dict, metric:str="knn"):
 # %% ../nbs/30_distill_similar.ipynb #adc04d0d
 def _quick_cfg(scale:str, pro:dict)->GridConfig:
     if scale == "ci": return SCALES["ci"]
-    return SCALES["quick"].replace(targets=list(pro["targets"]), seeds=list(pro["seeds"]), pilot_seeds=list(pro["pilot_seeds"]))
+    return SCALES["quick"].replace(targets=list(pro["targets"]), seeds=list(pro["seeds"]), pilot_seeds=list(pro["pilot_seeds"]),
+                                   pool=list(pro["pool"]), steps=int(pro["student_steps"]))
 
 @experiment("similar", "c1_similarity", "C1: within-target Spearman(kNN similarity, post-distillation accuracy) > 0 over targets; DistillNearest > DistillRandom")
 def c1_similarity(scale:str="quick")->Record:
