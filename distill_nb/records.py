@@ -450,11 +450,13 @@ def _gate_text(c:Check)->str:
     return f"{_g(c.value)} {op} {_g(c.threshold)}{(' ' + c.unit) if c.unit else ''}"
 
 def verdict_cell(r:Record)->str:
-    "The verdict with its seeds and its first power gate (legacy records say so)."
-    if r.legacy: return f"legacy verdict: **{r.verdict}** ({len(r.seeds)} seeds)"
+    "The verdict with its seeds and a power gate: the first that fails (why it is inconclusive), else the first (legacy records say so)."
+    n = f"{len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}"
+    if r.legacy: return f"legacy verdict: **{r.verdict}** ({n})"
     gates = [(k, c) for k, c in r.checks.items() if c.role == "power" and not c.post_hoc]
+    gates = [g for g in gates if not g[1].passed] + [g for g in gates if g[1].passed]
     g = "; ".join(f"{k}: {_gate_text(c)}" for k, c in gates[:1])
-    return f"**{r.verdict}** ({len(r.seeds)} seeds{'; ' + g if g else ''})"
+    return f"**{r.verdict}** ({n}{'; ' + g if g else ''})"
 
 def time_cell(r:Record)->str:
     "Warm / cold seconds."
