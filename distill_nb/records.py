@@ -197,10 +197,12 @@ def verdict_from(checks:dict)->str:
 
 # %% ../nbs/05_records.ipynb #57b5bff4
 def versions()->dict:
-    "Versions of Python and the packages that decide the numbers."
+    "Versions of Python and the packages that decide the numbers (an imported module's own, else its installed metadata: nothing is imported)."
+    import importlib.metadata as md
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for m in ("distill_nb", "torch", "numpy", "transformers", "diffusers", "peft", "accelerate", "sklearn"):
-        try: out[m] = importlib.import_module(m).__version__
+    for m, dist in (("distill_nb", "distill_nb"), ("torch", "torch"), ("numpy", "numpy"), ("transformers", "transformers"), ("diffusers", "diffusers"),
+                    ("peft", "peft"), ("accelerate", "accelerate"), ("sklearn", "scikit-learn")):
+        try: out[m] = sys.modules[m].__version__ if m in sys.modules else md.version(dist)
         except Exception: pass
     return out
 
