@@ -25,13 +25,6 @@ FIXTURES = sorted((repo_root()/"fixtures").glob("*.safetensors"))
 # Fixtures known to differ from their cold build, and the issue that regenerates them together with the records built on
 # them. Any other mismatch fails the slow test, and so does one of these that starts to match (the list cannot go stale).
 KNOWN_STALE = {
-    "disback-ring-teacher-6164dce6546c.safetensors": "issue 17: max |Δw| 0.63 (the builder changed after the fixture; the "
-        "cold teacher's 8-step SW is 0.33 against the fixture's < 0.25); no record reads it any more (every DisBack record "
-        "trains seeded teachers cold), only the notebook's teacher check cell",
-    "disback-digits-teacher-4b5023c1e83b.safetensors": "issue 17: max |Δw| 0.15, as above (read by the notebook and the one-step benchmark)",
-    "hyper_sd-ring-teacher-330a40eda40a.safetensors": ("issue 20: max |Δw| 0.69-0.90 (1 and 2 threads agree: the builder "
-        "changed); no record reads it any more, only the notebook's CI-sized H1 and ring cells"),
-    "hyper_sd-digits-teacher-8a959bc0fc74.safetensors": "issue 20: max |Δw| 1.11, as above (read by the sampling-speed benchmark and one notebook cell)",
 }
 
 def meta(p:Path)->tuple[str, object]:
