@@ -158,11 +158,11 @@ def seeds_gate(pilot_sd:float, n:int, sesoi:float, alpha:float=0.05, power:float
     if pilot_sd == 0:   # no pilot noise: the MDE (linear in the sd) is 0 wherever n seeds can reach alpha at all
         mde = 0.0 if np.isfinite(min_detectable_effect(n, 1.0, alpha, power)) else float("inf")
     else: mde = min_detectable_effect(n, pilot_sd, alpha, power)
-    try: need = seeds_needed(sesoi, pilot_sd or 1e-9 * sesoi, alpha, power)
-    except ValueError as e: need = str(e)
+    try: need = f"{seeds_needed(sesoi, pilot_sd or 1e-9 * sesoi, alpha, power)} seeds would reach it"
+    except ValueError as e: need = str(e).removeprefix("seeds_needed: ")   # "more than N seeds for effect ...; reduce the noise instead"
     return power_gate(mde, sesoi, at_most=True, unit=unit,
                       note=f"minimum detectable effect at {n} seeds (power {power}, pilot sd {pilot_sd:.3g}) vs the "
-                           f"pre-registered smallest effect of interest {sesoi:g}; {need} seeds would reach it")
+                           f"pre-registered smallest effect of interest {sesoi:g}; {need}")
 
 # %% ../nbs/05_records.ipynb #b2c0a005
 def _as_check(v)->Check:
