@@ -448,7 +448,8 @@ def _g(v)->str: return "" if v is None else f"{v:.3g}" if isinstance(v, float) e
 def _gate_text(c:Check)->str:
     if c.value is None: return ""
     if c.threshold is None: return f"{_g(c.value)}{(' ' + c.unit) if c.unit else ''}"
-    op = ("≤" if c.passed else ">") if c.at_most else ("≥" if c.passed else "<")
+    up = c.at_most if c.role != "guard" else (c.value <= c.threshold) == c.passed   # a guard states no direction: its outcome shows it
+    op = ("≤" if c.passed else ">") if up else ("≥" if c.passed else "<")
     return f"{_g(c.value)} {op} {_g(c.threshold)}{(' ' + c.unit) if c.unit else ''}"
 
 def verdict_cell(r:Record)->str:
