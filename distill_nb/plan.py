@@ -3,7 +3,7 @@
 # %% ../nbs/07b_plan.ipynb #b7p00002
 """A memory planner for the full-scale launchers: parameters, gradients, optimizer states and measured activations per phase"""
 from __future__ import annotations
-import dataclasses, hashlib, json, math, weakref, contextlib, itertools, copy
+import dataclasses, hashlib, json, math, weakref, contextlib, itertools
 from pathlib import Path
 from typing import Callable
 

@@ -200,9 +200,8 @@ def versions()->dict:
     "Versions of Python and the packages that decide the numbers (an imported module's own, else its installed metadata: nothing is imported)."
     import importlib.metadata as md
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for m, dist in (("distill_nb", "distill_nb"), ("torch", "torch"), ("numpy", "numpy"), ("transformers", "transformers"), ("diffusers", "diffusers"),
-                    ("peft", "peft"), ("accelerate", "accelerate"), ("sklearn", "scikit-learn")):
-        try: out[m] = sys.modules[m].__version__ if m in sys.modules else md.version(dist)
+    for m in ("distill_nb", "torch", "numpy", "transformers", "diffusers", "peft", "accelerate", "sklearn"):
+        try: out[m] = sys.modules[m].__version__ if m in sys.modules else md.version({"sklearn": "scikit-learn"}.get(m, m))
         except Exception: pass
     return out
 
@@ -457,7 +456,7 @@ def verdict_cell(r:Record)->str:
     n = f"{len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}"
     if r.legacy: return f"legacy verdict: **{r.verdict}** ({n})"
     gates = [(k, c) for k, c in r.checks.items() if c.role == "power" and not c.post_hoc]
-    gates = [g for g in gates if not g[1].passed] + [g for g in gates if g[1].passed]
+    gates = sorted(gates, key=lambda g: g[1].passed)   # stable: failing gates first, each group in record order
     g = "; ".join(f"{k}: {_gate_text(c)}" for k, c in gates[:1])
     return f"**{r.verdict}** ({n}{'; ' + g if g else ''})"
 
