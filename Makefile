@@ -25,7 +25,7 @@ export OMP_NUM_THREADS := 1
 export DISTILL_NB_DATA := $(DATA)
 unexport VIRTUAL_ENV
 
-.PHONY: help setup data reproduce test sync-check nbtest pytest slow readme html bench clean-venv env
+.PHONY: help setup data reproduce reproduce-extended test sync-check nbtest pytest slow readme html bench clean-venv env
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
@@ -52,6 +52,10 @@ data: $(DATA)/.ready  ## the offline data of RECIPE 14 (Debian, npm) under $(DAT
 JOBS    ?= $(shell nproc)
 reproduce: setup data  ## run every paper's quick-scale experiments (seeds in $(JOBS) processes), write results/ and README tables
 	$(BIN)/distill_nb reproduce $(PAPERS) --scale quick -j $(JOBS)
+	$(BIN)/distill_nb results
+
+reproduce-extended: setup data  ## run the extended tier (the experiments that need hours of 2 cores for power), write results/
+	$(BIN)/distill_nb reproduce $(PAPERS) --scale extended -j $(JOBS)
 	$(BIN)/distill_nb results
 
 sync-check: setup  ## nbdev_export / nbdev_clean change nothing; README.md is fresh

@@ -58,9 +58,12 @@ def resolve_targets(targets:list[str], kind:str="experiments", scale:str="quick"
     for t in targets or [None]:
         paper, _, name = (t or "").partition(":")
         out += [s for s in get(paper or None) if not name or s.name == name]
-    if kind == "experiments" and scale == "extended":
-        out = [s for s in out if "extended" in s.tiers]
-        if not out: raise UsageError(f"no experiment of {' '.join(targets) or 'any paper'} has an extended tier; run it at --scale quick")
+    if kind == "experiments":   # each experiment runs at its own tiers: a named one without this tier is refused, a paper's are filtered
+        other = "quick" if scale == "extended" else "extended"
+        named = [s for s in out if scale not in s.tiers and f"{s.paper}:{s.name}" in targets]
+        if named: raise UsageError(f"{', '.join(f'{s.paper}:{s.name}' for s in named)} has no {scale} tier; run it with --scale {other}")
+        out = [s for s in out if scale in s.tiers]
+        if not out: raise UsageError(f"no experiment of {' '.join(targets) or 'any paper'} has a{'n' if scale == 'extended' else ''} {scale} tier; run it at --scale {other}")
     return out
 
 # %% ../nbs/06_cli.ipynb #468d4548
@@ -86,6 +89,9 @@ def cmd_reproduce(a)->int:
         few = [f"{s.paper}:{s.name} (needs {s.min_seeds})" for s in specs if len(set(a.seeds)) < s.min_seeds]
         if few: raise UsageError(f"--seeds {' '.join(map(str, a.seeds))} is too few for {', '.join(few)}; pass more distinct seeds")
     if a.results is not None: _check_writable(Path(a.results))
+    if a.dry_run:
+        for s in specs: print(f"would run {s.paper}:{s.name} at --scale {a.scale}")
+        return 0
     os.environ["DISTILL_NB_JOBS"] = str(a.jobs or os.cpu_count() or 1)
     from distill_nb.records import run_experiment
     kw = {"seeds": a.seeds} if a.seeds else {}
@@ -225,7 +231,7 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failing experiment")
     r.add_argument("--configs", type=Path, default=Path("configs"), help="full scale: directory of <paper>/*.yaml configs")
     r.add_argument("--allow-cpu", action="store_true", help="full scale: run even without a GPU")
-    r.add_argument("--dry-run", action="store_true", help="full scale: print the launch commands only")
+    r.add_argument("--dry-run", action="store_true", help="print what would run (the experiments, or at full scale the launch commands) and run nothing")
     r.set_defaults(fn=cmd_reproduce)
     s = sub.add_parser("results", help="render results/README.md from the records", description=cmd_results.__doc__)
     s.add_argument("--results", type=Path, default=None)

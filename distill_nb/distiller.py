@@ -9,18 +9,19 @@ from typing import Literal, Sequence
 
 # %% auto #0
 __all__ = ['MAPPINGS', 'INTERMEDIATE', 'KD_LOSSES', 'AUGMENTERS', 'E1_ALPHAS', 'E1_MIS', 'TEACHER_LAYERS', 'STUDENTS', 'E2_ARMS',
-           'E2_CI_ARMS', 'E2_PAPER', 'E3_AUG', 'E3_CELLS', 'E4_INTER', 'E4_CONFIGS', 'AUTHORS_ETA2', 'log_loomean',
-           'log_loomean_masked', 'log_loomean_naive', 'logmeanexp_nodiag', 'interpolated_bound', 'mi_alpha_cap',
-           'infonce_bound', 'tuba_bound', 'nwj_bound', 'SeparableCritic', 'MLPBaseline', 'sinusoidal_encoding',
-           'TransformerCritic', 'MIAlphaLoss', 'layer_mapping', 'emd_flow', 'DistillerPipeline', 'DistillerLoss',
-           'random_swap', 'random_delete', 'synonym_replace', 'TextAugmenter', 'augment_texts', 'teacher_relabel',
-           'mixup_params', 'mix_embeddings', 'mixup_inputs', 'check_labels', 'rho_for_mi', 'gaussian_pair',
-           'train_mi_estimator', 'e1_mi_alpha', 'tweet_task', 'encode', 'linear_warmup', 'TweetTeacherConfig',
-           'tweet_teacher', 'masked_mean', 'teacher_outputs', 'target_variation', 'bert_student', 'eval_accuracy',
-           'compact_vocab', 'distill_bert', 'e2_runs', 'e2_objectives', 'augmented_teacher_logits', 'e3_runs',
-           'e3_augmentation', 'MLPNet', 'meta_tasks', 'config_features', 'mlp_teacher', 'mlp_distill', 'meta_dataset',
-           'autodistiller_loto', 'mean_meta_dataset', 'e4_kept', 'task_preference', 'e4_autodistiller',
-           'distiller_benchmark', 'show_distiller_results', 'factor_shares']
+           'E2_CI_ARMS', 'E2_PAPER', 'E3_AUG', 'E3_CELLS', 'E3_CONTROL_ARMS', 'E4_INTER', 'E4_CONFIGS', 'AUTHORS_ETA2',
+           'log_loomean', 'log_loomean_masked', 'log_loomean_naive', 'logmeanexp_nodiag', 'interpolated_bound',
+           'mi_alpha_cap', 'infonce_bound', 'tuba_bound', 'nwj_bound', 'SeparableCritic', 'MLPBaseline',
+           'sinusoidal_encoding', 'TransformerCritic', 'MIAlphaLoss', 'layer_mapping', 'emd_flow', 'DistillerPipeline',
+           'DistillerLoss', 'random_swap', 'random_delete', 'synonym_replace', 'TextAugmenter', 'augment_texts',
+           'teacher_relabel', 'mixup_params', 'mix_embeddings', 'mixup_inputs', 'check_labels', 'rho_for_mi',
+           'gaussian_pair', 'train_mi_estimator', 'e1_mi_alpha', 'tweet_task', 'encode', 'linear_warmup',
+           'TweetTeacherConfig', 'tweet_teacher', 'masked_mean', 'teacher_outputs', 'target_variation', 'bert_student',
+           'eval_accuracy', 'compact_vocab', 'distill_bert', 'e2_runs', 'e2_objectives', 'augmented_teacher_logits',
+           'e3_runs', 'e3_augmentation', 'e3_control_runs', 'e3_step_matched', 'MLPNet', 'meta_tasks',
+           'config_features', 'mlp_teacher', 'mlp_distill', 'meta_dataset', 'autodistiller_loto', 'mean_meta_dataset',
+           'e4_kept', 'task_preference', 'e4_autodistiller', 'distiller_benchmark', 'show_distiller_results',
+           'factor_shares']
 
 # %% ../nbs/10_distiller.ipynb #7e786418
 import numpy as np
@@ -32,7 +33,7 @@ from .core import (Config, ConfigError, Checkpointer, seed_everything, cached_te
 from .kd import kd_ce, kd_mse, hard_ce, hidden_mse, hidden_ce, cosine_loss, pkd_loss, make_projection, Projection
 from .records import (Record, experiment, benchmark, claim, claim_test, guard, power_gate, seeds_gate, protocol,
                                 run_parallel)
-from .stats import sign_flip_test
+from .stats import sign_flip_test, paired_diff
 
 # %% ../nbs/10_distiller.ipynb #18bd1e0d
 def _check_square(scores:Tensor, fn:str):
@@ -720,7 +721,7 @@ def distill_bert(pipe:DistillerPipeline,
 # %% ../nbs/10_distiller.ipynb #cb26a721
 E2_ARMS = {"KD only": dict(intermediate="none"), "+MSE": dict(intermediate="mse"), "+cos": dict(intermediate="cos"),
            "+PKD": dict(intermediate="pkd"), "+MI-α 0.1": dict(intermediate="mi", alpha=0.1), "+MI-α 0.9": dict(intermediate="mi", alpha=0.9)}
-E2_CI_ARMS = ("KD only", "+MSE", "+MI-α 0.9")   # the claims' arms: the quick tier runs these, the extended tier all six
+E2_CI_ARMS = ("KD only", "+MSE", "+MI-α 0.9")   # the claims' arms, the ones the record runs (all six: arms=list(E2_ARMS))
 # authors' raw log, SST-2, TinyBERT-4 <- BERT-base: best dev accuracy per objective (run count) [data]
 E2_PAPER = {"MI-α": (0.9117, 63), "MSE": (0.9048, 10), "cos": (0.9060, 8), "PKD": (0.9002, 6), "CE": (0.9025, 6)}
 
@@ -780,11 +781,11 @@ def _e2_figure(acc:dict, t_acc:float, majority:float, title:str):
     ax.legend(fontsize=7); plt.close(fig); return fig
 
 # %% ../nbs/10_distiller.ipynb #9718bb22
-@experiment("distiller", "e2_intermediate_objectives", "tweets, MiniLM-L6 -> BERT L2-H128: KD only vs +MSE / +MI-alpha on pooled states, paired seeds", min_seeds=2)
-def e2_objectives(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, arms:Sequence[str]|None=None,
+@experiment("distiller", "e2_intermediate_objectives", "tweets, MiniLM-L6 -> BERT L2-H128: KD only vs +MSE / +MI-alpha on pooled states, paired seeds", min_seeds=2,
+            tiers=("extended",))   # 11 x 3 runs of 375 steps: about 16 minutes on 2 cores, beyond the quick tier's share
+def e2_objectives(scale:str="extended", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, arms:Sequence[str]|None=None,
                   epochs:int|None=None, n_train:int=4000, lr:float=5e-4)->Record:
     "E2: intermediate objectives on the teacher's mean-pooled token states, (arm, seed) runs in parallel, tested as pre-registered."
-    from distill_nb.stats import paired_diff
     pro = protocol("distiller", "e2_intermediate_objectives", scale=scale)
     seeds = list(seeds if seeds is not None else pro["seeds"]); pilot_seeds = list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
     arms, epochs = list(arms or E2_CI_ARMS), epochs or pro["epochs"]; cpu0 = time.process_time()
@@ -851,13 +852,18 @@ def _e3_data(n_max:int=1000):
     vocab = torch.unique(torch.cat([ids_c.flatten(), ids_a.flatten(), test[0].flatten()]))   # one table: aug/no-aug share the init
     return (ids_c, am_c, t_clean), (ids_a, am_a, t_aug, src), test, vocab
 
-def _e3_job(item:tuple)->dict:
-    "One (student, n, aug, seed) run of E3: test accuracy (%), steps, whether every loss was finite."
-    student, n, aug, seed, epochs, lr, bs, n_max = item
-    (ids, am, tl), (ids_a, am_a, t_a, src), test, vocab = _e3_data(n_max)
+def _e3_set(n:int, aug:bool, n_max:int)->tuple:
+    "The training set of one E3 run: the first n clean tweets, plus their copies when `aug`; (ids, mask, teacher logits)."
+    (ids, am, tl), (ids_a, am_a, t_a, src), _, _ = _e3_data(n_max)
     ids, am, tl = ids[:n], am[:n], tl[:n]
     if aug: k = src < n; ids, am, tl = torch.cat([ids, ids_a[k]]), torch.cat([am, am_a[k]]), torch.cat([tl, t_a[k]])
-    steps = epochs * math.ceil(len(ids) / bs)
+    return ids, am, tl
+
+def _e3_job(item:tuple)->dict:
+    "One (student, n, aug, seed) run of E3: test accuracy (%), steps, whether every loss was finite; `steps` None: `epochs` over the run's set."
+    student, n, aug, seed, epochs, lr, bs, n_max, *steps = item
+    ids, am, tl = _e3_set(n, aug, n_max); _, _, test, vocab = _e3_data(n_max)
+    steps = steps[0] if steps and steps[0] is not None else epochs * math.ceil(len(ids) / bs)
     r = distill_bert(DistillerPipeline(intermediate="none"), ids, am, tl, None, test, student, steps=steps, batch_size=bs,
                      lr=lr, seed=seed, vocab=vocab)
     return {"acc": 100 * r["acc"], "steps": steps, "finite": bool(np.isfinite(r["losses"]).all())}
@@ -937,6 +943,71 @@ def e3_augmentation(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:li
         config={"cells": [list(c) for c in E3_CELLS], "epochs": epochs, "batch_size": 32, "lr": lr, "kd": "ce, T=1, logits only", **E3_AUG,
                 "pilot_seeds": pilot_seeds, "not reproducible offline": "contextual MLM and back-translation augmenters (no MLM head, no MT models)"},
         table=table, scale=scale, figs={"gain": _e3_figure(gain, f"tweets, {epochs} epochs, {len(seeds)} paired seeds")})
+
+# %% ../nbs/10_distiller.ipynb #78d47e44
+E3_CONTROL_ARMS = ("copies", "clean, same steps", "clean, same epochs")   # the primary's two arms first
+
+def e3_control_runs(seeds:Sequence[int], epochs:int, lr:float=5e-4, bs:int=32, arms:Sequence[str]=E3_CONTROL_ARMS)->dict:
+    "{arm: [result per seed]} at E3's primary cell: the copies for `epochs`; the clean tweets for the copies' steps, and for `epochs`."
+    (st, n), n_max = E3_CELLS[0], max(n for _, n in E3_CELLS); _e3_data(n_max)
+    steps_copies = epochs * math.ceil(len(_e3_set(n, True, n_max)[0]) / bs)
+    spec = {"copies": (True, None), "clean, same steps": (False, steps_copies), "clean, same epochs": (False, None)}
+    items = {(a, s): (st, n, spec[a][0], s, epochs, lr, bs, n_max, spec[a][1]) for s in seeds for a in arms}
+    res = dict(zip(items, run_parallel(_e3_job, list(items.values()), desc="E3 control run")))
+    return {a: [res[(a, s)] for s in seeds] for a in arms}
+
+def _e3_control_checks(runs:dict, pilot:dict, pro:dict, majority:float)->dict:
+    "The control's checks: copies vs the step-matched clean arm (primary), vs the equal-epoch clean arm, two guards, two power gates."
+    acc = lambda r, a: [x["acc"] for x in r[a]]; t = lambda a, b: sign_flip_test(acc(runs, a), acc(runs, b), alpha=pro["alpha"])
+    d_pilot = np.subtract(acc(pilot, "copies"), acc(pilot, "clean, same steps")) if pilot else np.array([])
+    pilot_sd = float(np.std(d_pilot, ddof=1)) if len(d_pilot) > 1 else float("inf")
+    lowest = min(min(acc(runs, a)) for a in runs); everything = [x for r in (runs, pilot) for v in r.values() for x in v]
+    same = all(x["steps"] == y["steps"] for x, y in zip(runs["copies"], runs["clean, same steps"]))
+    return {
+        "copies > clean for the same steps (L2-H128, n=250)": claim_test(t("copies", "clean, same steps"), True, unit="points",
+                                                                          note="the copies help beyond the optimiser steps they bring"),
+        "copies > clean for the same epochs (E3's primary, fresh seeds)": claim_test(t("copies", "clean, same epochs"), unit="points"),
+        "the compared arms take the same steps": guard(same, f"{runs['copies'][0]['steps']} optimiser steps each"),
+        "every loss is finite": guard(all(x["finite"] for x in everything), "over every step of every run, pilot included"),
+        "no run collapses to the majority class": power_gate(lowest, majority + 1.0, unit="%", note="every arm and seed learns beyond "
+                                                             "the majority rate + 1 point; a collapsed baseline would inflate the gain"),
+        "min. detectable effect": seeds_gate(pilot_sd, len(runs["copies"]), pro["sesoi"], pro["alpha"], pro["power"], unit="points")
+                                  if np.isfinite(pilot_sd) else power_gate(float("inf"), pro["sesoi"], at_most=True, unit="points", note="needs >= 2 pilot seeds"),
+    }
+
+# %% ../nbs/10_distiller.ipynb #d8ed70f3
+@experiment("distiller", "e3_step_matched", "E3's control: the copies vs the clean tweets for the same optimiser steps (L2-H128, n=250), paired seeds",
+            ci=False, min_seeds=2, tiers=("extended",))   # 16 seeds x about 1,000 steps: about 12 minutes on 2 cores
+def e3_step_matched(scale:str="extended", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, epochs:int|None=None, lr:float=5e-4)->Record:
+    "E3's control: does the gain from the copies survive giving the clean arm the same optimiser steps?"
+    pro = protocol("distiller", "e3_step_matched", scale=scale); cpu0 = time.process_time()
+    seeds = list(seeds if seeds is not None else pro["seeds"]); pilot_seeds = list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    if set(seeds) & set(pilot_seeds): raise ValueError(f"e3_step_matched: pilot seeds {pilot_seeds} overlap the seeds {seeds}")
+    epochs = epochs or pro["epochs"]
+    runs = e3_control_runs(seeds, epochs, lr)
+    pilot = e3_control_runs(pilot_seeds, epochs, lr, arms=E3_CONTROL_ARMS[:2]) if pilot_seeds else {}
+    _, _, test, _ = _e3_data(max(n for _, n in E3_CELLS)); t_acc = 100 * (teacher_outputs(4000)["test_logits"].argmax(-1) == test[2]).float().mean().item()
+    majority = 100 * max(test[2].float().mean().item(), 1 - test[2].float().mean().item())
+    checks = _e3_control_checks(runs, pilot, pro, majority)
+    acc = {a: [r["acc"] for r in v] for a, v in runs.items()}; ms = lambda v: f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
+    steps_alone = dataclasses.asdict(paired_diff(acc["clean, same steps"], acc["clean, same epochs"]))
+    (st, n), size = E3_CELLS[0], {"copies": "n + 4n copies", "clean, same steps": "n clean", "clean, same epochs": "n clean"}
+    table = [{"arm": a, "training set": size[a], "steps": runs[a][0]["steps"], "test acc (%)": ms(acc[a]),
+              "copies − arm (points)": "" if a == "copies" else f"{np.mean(np.subtract(acc['copies'], acc[a])):+.2f}"} for a in runs]
+    p, s = list(checks.values())[:2]
+    return Record("distiller", "e3_step_matched",
+        claim="The gain from teacher-relabelled copies at small data (finding 3) is more than the extra optimiser steps the copies bring.",
+        metrics={"acc": acc, "pilot_acc": {a: [r["acc"] for r in v] for a, v in pilot.items()}, "steps": {a: v[0]["steps"] for a, v in runs.items()},
+                 "steps_alone_same_steps_minus_same_epochs": steps_alone, "teacher_acc": t_acc, "majority_acc": majority,
+                 "cpu_s": round(time.process_time() - cpu0, 1)},
+        checks=checks, seeds=seeds, protocol=pro, protocol_hash=config_hash(pro),
+        summary=(f"{st} n={n}: copies − clean at the same {runs['copies'][0]['steps']} steps {p.effect:+.2f} points [{p.lo:+.2f}, {p.hi:+.2f}], p = {p.p:.3g}; "
+                 f"copies − clean at the same {epochs} epochs {s.effect:+.2f} [{s.lo:+.2f}, {s.hi:+.2f}]; the extra steps alone "
+                 f"{steps_alone['mean']:+.2f} [{steps_alone['lo']:+.2f}, {steps_alone['hi']:+.2f}]; {len(seeds)} seeds"),
+        paper_numbers={"note": "the paper runs no step-matched control; finding 3's numbers (authors' log) are in e3_augmentation.extended"},
+        paper_summary="no step-matched control in the paper; finding 3: CoLA gain +15.1 (BERT-mini) … +4.3 (TinyBERT-6)",
+        config={"cell": [st, n], "epochs": epochs, "batch_size": 32, "lr": lr, "kd": "ce, T=1, logits only", **E3_AUG, "pilot_seeds": pilot_seeds},
+        table=table, scale=scale, figs={"arms": _e2_figure(acc, t_acc, majority, f"{st}, n={n}, {len(seeds)} paired seeds")})
 
 # %% ../nbs/10_distiller.ipynb #b74903b6
 class MLPNet(nn.Module):

@@ -3,13 +3,12 @@
 # %% ../nbs/30_distill_similar.ipynb #39687613
 """Rank source models by task similarity from a few target labels, then distil the nearest one (or all of them, weighted) into a small target model"""
 from __future__ import annotations
-import dataclasses, functools, json, math, os, shutil, sys, time, hashlib
-from pathlib import Path
+import dataclasses, functools, math, time
 from typing import Literal, Sequence
 
 # %% auto #0
 __all__ = ['TARGETS', 'SOURCES', 'EXTRA_SOURCES', 'SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS', 'SCALES',
-           'ARM_NAMES', 'SMALL_CNNS', 'check_target', 'TargetTask', 'make_target', 'SmallCNN', 'Source', 'SourceConfig',
+           'ARM_NAMES', 'check_target', 'TargetTask', 'make_target', 'SmallCNN', 'Source', 'SourceConfig',
            'train_source', 'mnist_source', 'get_source', 'sources_for', 'source_own_acc', 'lite0_source',
            'SourceFeatures', 'source_features', 'knn_loo', 'ncc_loo', 'logme_evidence', 'logme', 'leep', 'nce', 'emd',
            'domain_similarity', 'similarity', 'Probe', 'linear_probe', 'probe_teacher', 'source_weights', 'TargetNet',
@@ -18,24 +17,19 @@ __all__ = ['TARGETS', 'SOURCES', 'EXTRA_SOURCES', 'SOURCE_DOMAINS', 'METRICS', '
            'choose_temperatures', 'mask_rate_summary', 'run_cell', 'run_grid', 'nearest_acc', 'random_acc', 'arm_acc',
            'per_target', 'arm_table', 'cell_spearman', 'target_test', 'over_targets', 'targets_gate',
            'correlation_table', 'setting_margin', 'c1_checks', 'similarity_figure', 'c1_similarity', 'arms_figure',
-           'c2_checks', 'c2_weighted', 'score_vs_distill_benchmark', 'SourceSpec', 'SimilarFullConfig', 'TimmSource',
-           'build_source', 'check_source_files', 'make_toy_image_folder', 'cached_source_features', 'pre_logits_dim',
-           'similar_full', 'FinetuneConfig', 'init_from_pretrained', 'finetune_source', 'finetune_sources',
-           'finetune_cli']
+           'c2_checks', 'c2_weighted', 'score_vs_distill_benchmark']
 
 # %% ../nbs/30_distill_similar.ipynb #4b48a141
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import (Config, ConfigError, Domain, Checkpointer, seed_everything, cached_tensors, fit, step_batch, save_tensors,
-                             load_tensors, progress, config_hash, accuracy, count_params)
-from .data import (image_domain, few_shot_split, load_mnist_cnn, DataMissingError, image_folder, load_efficientnet_lite0,
+from .core import Config, seed_everything, cached_tensors, fit, step_batch, config_hash, accuracy, count_params
+from .data import (image_domain, few_shot_split, load_mnist_cnn, load_efficientnet_lite0,
                              efficientnet_preprocess, load_textures, EXTRA_TEXTURES)
 from .kd import soft_kl, hard_ce
-from .stats import spearman, paired_diff, mean_std, sign_flip_test, min_detectable_effect
+from .stats import spearman, mean_std, sign_flip_test
 from .records import Record, experiment, benchmark, run_parallel, claim_test, guard, power_gate, seeds_gate, protocol
-from .launch import launcher, make_accelerator
 
 # %% ../nbs/30_distill_similar.ipynb #f9605968
 def check_target(y_lab:Tensor,         # labels of the labeled set
@@ -825,14 +819,16 @@ def similarity_figure(grid:dict, metric:str="knn"):
 
 # %% ../nbs/30_distill_similar.ipynb #adc04d0d
 def _quick_cfg(scale:str, pro:dict)->GridConfig:
+    "The grid of a scale: `ci` is `SCALES['ci']`; the extended tier is the protocol's targets, seeds, pool and steps."
     if scale == "ci": return SCALES["ci"]
     return SCALES["quick"].replace(targets=list(pro["targets"]), seeds=list(pro["seeds"]), pilot_seeds=list(pro["pilot_seeds"]),
                                    pool=list(pro["pool"]), steps=int(pro["student_steps"]))
 
-@experiment("similar", "c1_similarity", "C1: within-target Spearman(kNN similarity, post-distillation accuracy) > 0 over targets; DistillNearest > DistillRandom")
-def c1_similarity(scale:str="quick")->Record:
+@experiment("similar", "c1_similarity", "C1: within-target Spearman(kNN similarity, post-distillation accuracy) > 0 over targets; DistillNearest > DistillRandom",
+            tiers=("extended",))
+def c1_similarity(scale:str="extended")->Record:
     "C1 as pre-registered: one Spearman per target (mean over its seeds), tested over targets; DistillNearest vs DistillRandom."
-    pro = protocol("similar", "c1_similarity"); cfg = _quick_cfg(scale, pro)
+    pro = protocol("similar", "c1_similarity", scale="extended"); cfg = _quick_cfg(scale, pro)   # the ci scale reads its alpha and gates
     grid = run_grid(cfg); rows = correlation_table(grid, pro["alpha"]); k = cfg.weight_metric
     own = {s: source_own_acc(s, cfg.source_steps) for s in SOURCES}; checks = c1_checks(grid, pro, own, k)
     c1, c2 = list(checks.values())[:2]
@@ -891,10 +887,11 @@ def c2_checks(grid:dict, pro:dict, own_acc:dict, metric:str="knn")->dict:
                 note="the in-repo sources and the MNIST CNN on their own test images; Lite0 is the released ImageNet model (no ImageNet image offline)")}
 
 # %% ../nbs/30_distill_similar.ipynb #cfe26f0f
-@experiment("similar", "c2_weighted", "C2: DistillWeighted beats generic-init transfer (primary) and FixMatch, over targets")
-def c2_weighted(scale:str="quick")->Record:
+@experiment("similar", "c2_weighted", "C2: DistillWeighted beats generic-init transfer (primary) and FixMatch, over targets",
+            tiers=("extended",))
+def c2_weighted(scale:str="extended")->Record:
     "C2 as pre-registered: per-target gaps of DistillWeighted over the baselines, tested over targets, next to the paper's."
-    pro = protocol("similar", "c2_weighted"); cfg = _quick_cfg(scale, pro)
+    pro = protocol("similar", "c2_weighted", scale="extended"); cfg = _quick_cfg(scale, pro)   # the ci scale reads its alpha and gates
     grid = run_grid(cfg); tab = arm_table(grid, cfg.weight_metric); tg = cfg.targets
     own = {s: source_own_acc(s, cfg.source_steps) for s in SOURCES}; checks = c2_checks(grid, pro, own, cfg.weight_metric)
     ct, cf = list(checks.values())[:2]
@@ -933,401 +930,3 @@ def score_vs_distill_benchmark(target:str="sklearn_digits", steps:int=70, n_unla
     t_dist = time.perf_counter() - t0
     return {"sources": len(names), "metrics": len(METRICS), "score_all_s": round(t_score, 3), "distill_all_s": round(t_dist, 3),
             "distill_over_score": round(t_dist / t_score, 1)}
-
-# %% ../nbs/30_distill_similar.ipynb #3dff8dc2
-def _no_hub(v)->bool: return v is not True
-
-@dataclasses.dataclass
-class SourceSpec(Config):
-    name: str = "src"
-    arch: str = "small_cnn"          # small_cnn | small_cnn_wide | a timm model name (e.g. resnet18, resnet50)
-    weights: str = ""                # the source's own weights (.safetensors or .pth state dict), e.g. from scripts/finetune_sources.py
-    # a local file of generic pretrained weights: used as they are when `weights` is empty, and the starting point of
-    # scripts/finetune_sources.py. Nothing is downloaded: `true` (timm's hub) is refused.
-    pretrained: str|bool = dataclasses.field(default="", metadata={"domain": Domain(_no_hub, "a local weights file",
-        "nothing is downloaded here: save the model's pretrained state dict (timm's layout, .safetensors or .pth) and set pretrained to its path")})
-    num_classes: int = 1000          # the source's own label count (its head)
-    train_dir: str = ""              # <train_dir>/<class>/*: small_cnn* train on it once when no weights are given; scripts/finetune_sources.py fine-tunes on it
-    train_steps: int = 200
-    def __post_init__(self):
-        super().__post_init__()
-        if self.pretrained is False: self.pretrained = ""
-
-# %% ../nbs/30_distill_similar.ipynb #e1048111
-@dataclasses.dataclass
-class SimilarFullConfig(Config):
-    data_root: str = ""              # folder holding <target>/{train,test}/<class>/ (default: $DISTILL_NB_FULL_DATA)
-    target: str = "target"
-    toy_data: bool = False           # generate a small synthetic folder there if it is missing (smoke tests)
-    image_size: int = 64
-    n_per_class: int = 5
-    n_unlabeled: int = 0             # cap on the unlabeled pool (0: all remaining training images)
-    sources: list[SourceSpec] = dataclasses.field(default_factory=lambda: [SourceSpec()])
-    method: Literal["weighted", "nearest", "all"] = "weighted"
-    metric: Literal["knn", "ncc", "logme", "leep", "nce"] = "knn"   # ('domain' needs source class means)
-    T: float = 0.3
-    mix: Literal["mixture", "sum"] = "mixture"
-    teacher: Literal["probe", "feature"] = "probe"
-    student: str = "targetnet"       # targetnet (in-repo) or a timm model name (e.g. mobilenetv3_small_100)
-    student_widths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
-    steps: int = 2000
-    batch_size: int = 128
-    lab_batch: int = 64
-    lr: float = 3e-3
-    lam: float = 1.0
-    tau: float = 1.0
-    feature_batch: int = 128
-    seed: int = 0
-    checkpoint_every: int = 200
-    keep: int = 3
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-
-# %% ../nbs/30_distill_similar.ipynb #f2159212
-def _timm(what:str):
-    try: import timm
-    except ImportError:
-        raise ImportError(f"{what} needs timm, an optional dependency: install it with `pip install .[full]` "
-                          f"(or `pip install timm`), or use the in-repo small_cnn / targetnet models") from None
-    return timm
-
-class TimmSource(nn.Module):
-    "A timm classifier seen as (features, head), with ImageNet input normalisation."
-    def __init__(self, m:nn.Module):
-        super().__init__(); self.m = m
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-    @property
-    def head(self)->nn.Module: return self.m.get_classifier()
-    def features(self, x:Tensor)->Tensor: return self.m.forward_head(self.m.forward_features((x - self.mean) / self.std), pre_logits=True)
-    def forward(self, x:Tensor)->Tensor: return self.head(self.features(x))
-
-SMALL_CNNS = {"small_cnn": ((16, 32, 64), 128), "small_cnn_wide": ((32, 64, 128), 256)}
-
-def _source_model(spec:SourceSpec)->tuple[nn.Module, nn.Module]:
-    "A source's classifier with fresh weights: (the model called on [0, 1] images, the module whose state dict is its file)."
-    if spec.arch in SMALL_CNNS: m = SmallCNN(spec.num_classes, *SMALL_CNNS[spec.arch], in_ch=3); return m, m
-    timm = _timm(f"source {spec.name!r} (architecture {spec.arch!r})")
-    m = TimmSource(timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes)); return m, m.m
-
-def _load_state(path:str)->dict:
-    p = Path(path)
-    if not p.exists(): raise FileNotFoundError(f"source weights {p} do not exist; place the file there or fix `weights:` in the config")
-    return load_tensors(p) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
-
-def _folder_tensors(root:Path, size:int)->tuple[Tensor, Tensor, tuple]:
-    ds = image_folder(root, size=size); x = torch.stack([(ds[i][0] * 255).round().to(torch.uint8) for i in range(len(ds))])
-    return x, torch.tensor([y for _, y in ds.items]), ds.classes
-
-def _listing_hash(root:Path)->str:
-    return hashlib.sha256("\n".join(str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_file()).encode()).hexdigest()[:12]
-
-# %% ../nbs/30_distill_similar.ipynb #a1b2c3d4
-def _load_into(module:nn.Module, path:str, spec:SourceSpec):
-    "Load a state dict file into a source's module, with a one-line error when it does not fit the architecture."
-    try: module.load_state_dict(_load_state(path))
-    except RuntimeError as e:
-        raise ConfigError(f"source {spec.name!r}: {path} does not fit {spec.arch} with num_classes={spec.num_classes} "
-                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); check arch and num_classes") from None
-
-def build_source(spec:SourceSpec, size:int)->Source:
-    "A full-scale source from its spec (timm imported only for timm architectures)."
-    if spec.arch in SMALL_CNNS:
-        m, _ = _source_model(spec); path = spec.weights or spec.pretrained
-        if path: _load_into(m, path, spec)
-        elif spec.train_dir:
-            root = Path(spec.train_dir)
-            def make():
-                x, y, cls = _folder_tensors(root, size)
-                if len(cls) != spec.num_classes: raise ValueError(f"source {spec.name!r}: {root} has {len(cls)} classes but num_classes={spec.num_classes}")
-                seed_everything(0); mm = SmallCNN(spec.num_classes, *SMALL_CNNS[spec.arch], in_ch=3); opt = torch.optim.Adam(mm.parameters(), 2e-3)
-                def step(i):
-                    b = step_batch(len(y), 64, i, 0); loss = F.cross_entropy(mm(x[b].float() / 255), y[b]); opt.zero_grad(); loss.backward(); opt.step(); return loss
-                fit(step, spec.train_steps, desc=f"source {spec.name}"); return mm.state_dict()
-            m.load_state_dict(cached_tensors(f"similar-full-source-{spec.name}", spec.to_dict() | {"files": _listing_hash(root), "size": size}, make))
-        else: raise ValueError(f"source {spec.name!r} ({spec.arch}) has no weights: give `weights: <file>` or `train_dir: <labeled folder>`")
-    else:
-        _timm(f"source {spec.name!r} (architecture {spec.arch!r})")
-        seed_everything(0)   # as the in-repo sources: a pretrained body's new classifier head is random
-        m, inner = _source_model(spec)
-        if not (spec.weights or spec.pretrained): raise ValueError(f"source {spec.name!r} ({spec.arch}) has no weights: give `weights: <file>` or `pretrained: <local file>`")
-        _load_into(inner, spec.weights or spec.pretrained, spec)
-    return Source(spec.name, "", m.eval().requires_grad_(False), torch.zeros(0))
-
-# %% ../nbs/30_distill_similar.ipynb #b2c3d4e5
-def check_source_files(cfg:SimilarFullConfig, where:str="SimilarFullConfig")->None:
-    "Before any compute: each source has a file to load and the file exists; else a one-line ConfigError naming the key and the fix."
-    for i, s in enumerate(cfg.sources):
-        key = f"{where}.sources[{i}]"
-        if s.weights:
-            if not Path(s.weights).is_file():
-                how = ("write it with `python scripts/finetune_sources.py --config <this config>` (it fine-tunes `pretrained` on `train_dir`)"
-                       if s.pretrained and s.train_dir else "place the source's state dict (.safetensors or .pth) there")
-                raise ConfigError(f"{key}.weights: {Path(s.weights).absolute()} does not exist; {how}, or fix the path")
-        elif s.pretrained:
-            if not Path(s.pretrained).is_file():
-                raise ConfigError(f"{key}.pretrained: {Path(s.pretrained).absolute()} does not exist; save the {s.arch} pretrained state dict "
-                                  f"(timm's layout, .safetensors or .pth) there, or fix the path")
-        elif s.arch not in SMALL_CNNS or not s.train_dir:
-            raise ConfigError(f"{key}: source {s.name!r} ({s.arch}) has nothing to load; set weights: <file> or pretrained: <local file>"
-                              + (" or train_dir: <labeled folder>" if s.arch in SMALL_CNNS else ""))
-
-# %% ../nbs/30_distill_similar.ipynb #7da89608
-def make_toy_image_folder(root, classes:int=3, n_train:int=24, n_test:int=8, size:int=16, seed:int=0, name:str="target", shift:float=0.0)->Path:
-    "Generate `<root>/<name>/{train,test}/<class>/*.png`: colored stripe patterns per class plus noise (smoke tests)."
-    from PIL import Image
-    g = np.random.default_rng(seed); root = Path(root)/name
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in range(classes):
-            d = root/split/f"class_{c}"; d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                yy, xx = np.mgrid[0:size, 0:size] / size
-                ang = np.pi * (c / classes + shift); col = np.array([c + 1, classes - c, 1.0]) / (classes + 1)
-                pat = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * (np.cos(ang) * xx + np.sin(ang) * yy) + g.uniform(0, 6.28))
-                img = np.clip(pat[..., None] * col + 0.15 * g.normal(size=(size, size, 3)), 0, 1)
-                Image.fromarray((img * 255).astype(np.uint8)).save(d/f"{i:04d}.png")
-    return root
-
-def _toy_under(cfg:SimilarFullConfig, out:Path)->SimilarFullConfig:
-    "With `toy_data`, relative data paths live under the run's `out` folder (never in the working directory)."
-    if not cfg.toy_data: return cfg
-    under = lambda p: str(p) if not p or Path(p).is_absolute() else str(Path(out)/p)
-    return cfg.replace(data_root=under(cfg.data_root), sources=[{**s.to_dict(), "train_dir": under(s.train_dir)} for s in cfg.sources])
-
-def _target_dirs(cfg:SimilarFullConfig)->Path:
-    from distill_nb.data import full_data_root
-    root = Path(cfg.data_root) if cfg.data_root else full_data_root()
-    d = root/cfg.target
-    if cfg.toy_data:
-        if not d.exists(): make_toy_image_folder(root, name=cfg.target, size=cfg.image_size)
-        for i, sp in enumerate(cfg.sources):
-            t_dir = Path(sp.train_dir)
-            if sp.train_dir and not t_dir.exists(): make_toy_image_folder(t_dir.parent.parent, name=t_dir.parent.name, size=cfg.image_size, seed=i + 1, shift=0.3 * (i + 1))
-    for s in ("train", "test"):
-        if not (d/s).is_dir() or not any(p.is_dir() for p in (d/s).iterdir()):
-            raise DataMissingError(f"place the target images under {d}/{s}/<class>/*.png (one folder per class; "
-                                   f"train/ gives the {cfg.n_per_class} labels per class and the unlabeled pool, test/ the evaluation); missing: {d/s}")
-    return d
-
-# %% ../nbs/30_distill_similar.ipynb #40faac38
-def cached_source_features(src:Source, spec:SourceSpec, x:Tensor, key:str, cache:Path, batch_size:int, device)->dict:
-    "Features and logits of `src` on all target images, cached under `cache` by (source name, target file list)."
-    p = cache/f"feats-{spec.name}-{key}.safetensors"
-    if p.exists():
-        d = load_tensors(p)
-        SourceFeatures(spec.name, {"lab": d["feats"]}, {}).check(src)
-        return d
-    src.model.to(device); fs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size): fs.append(src.features(x[i:i + batch_size].to(device).float() / 255, batch_size).cpu())
-    f = torch.cat(fs)
-    with torch.no_grad(): lg = src.head.cpu()(f)
-    src.model.cpu(); d = {"feats": f.contiguous(), "logits": lg.contiguous()}
-    cache.mkdir(parents=True, exist_ok=True); save_tensors(p, d, {"source": spec.name, "arch": spec.arch})
-    return d
-
-def _student(cfg:SimilarFullConfig, n_classes:int)->nn.Module:
-    if cfg.student == "targetnet": return TargetNet(n_classes, cfg.student_widths, in_ch=3)
-    return _timm(f"student {cfg.student!r}").create_model(cfg.student, pretrained=False, num_classes=n_classes)
-
-def pre_logits_dim(net:nn.Module, size:int)->int:
-    "Width of the features `net` hands its classifier (timm: `forward_head(pre_logits=True)`), measured with one forward."
-    if isinstance(net, TargetNet): return net.feat_dim
-    was = net.training; net.eval()                   # timm's attributes disagree (MobileNetV3: num_features 576, head 1024)
-    with torch.no_grad(): f = net.forward_head(net.forward_features(torch.zeros(1, 3, size, size)), pre_logits=True)
-    net.train(was); return f.shape[-1]
-
-class _StudentWithProj(nn.Module):
-    "The target network plus the per-source projections of the feature-distillation reading (trained together)."
-    def __init__(self, net:nn.Module, dims:list[int], size:int):
-        super().__init__(); self.net = net
-        fd = pre_logits_dim(net, size)
-        self.proj = nn.ModuleList(nn.Linear(fd, d) for d in dims)
-    def forward(self, x:Tensor)->tuple[Tensor, Tensor]:
-        if hasattr(self.net, "features") and hasattr(self.net, "head") and isinstance(self.net, TargetNet):
-            f = self.net.features(x); return self.net.head(f), f
-        f = self.net.forward_head(self.net.forward_features(x), pre_logits=True); return self.net.get_classifier()(f), f
-
-# %% ../nbs/30_distill_similar.ipynb #412bc691
-def _full_target(cfg:SimilarFullConfig, tdir:Path)->tuple:
-    "The target folder as uint8 tensors, with its seeded split into labeled and unlabeled training images."
-    x_tr, y_tr, classes = _folder_tensors(tdir/"train", cfg.image_size); x_te, y_te, cls_te = _folder_tensors(tdir/"test", cfg.image_size)
-    if cls_te != classes: raise ValueError(f"{tdir}/test has classes {cls_te} but train/ has {classes}; use the same class folders")
-    C = len(classes); lab, unl = few_shot_split(y_tr, cfg.n_per_class, cfg.seed, n_classes=C)
-    if cfg.n_unlabeled: unl = unl[torch.randperm(len(unl), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_unlabeled]].sort().values
-    check_target(y_tr[lab], C, len(unl), classes)
-    return x_tr, y_tr, x_te, y_te, classes, lab, unl
-
-def _full_source_features(cfg:SimilarFullConfig, acc, x_all:Tensor, n_tr:int, lab:Tensor, unl:Tensor, key:str, out:Path)->tuple[list, dict]:
-    "Every source run once over the target images (cached by the main process; the others read the cache)."
-    names, sfs = [], {}
-    for spec in cfg.sources:
-        with acc.main_process_first():
-            src = build_source(spec, cfg.image_size)
-            d = cached_source_features(src, spec, x_all, key, out/"cache", cfg.feature_batch, acc.device)
-        f, lg = d["feats"], d["logits"]; names.append(spec.name)
-        sfs[spec.name] = SourceFeatures(spec.name, {"lab": f[lab], "unl": f[unl], "test": f[n_tr:]}, {"lab": lg[lab], "unl": lg[unl], "test": lg[n_tr:]})
-    return names, sfs
-
-def _full_teachers(cfg:SimilarFullConfig, names:list, sfs:dict, y_lab:Tensor, C:int)->tuple:
-    "Similarities under every metric, the source weights, the per-source probe teachers and the distillation targets."
-    sims = {m: [similarity(m, sfs[s], y_lab, C) for s in names] for m in METRICS if m != "domain" and (m != "ncc" or cfg.n_per_class >= 2)}
-    w = source_weights(sims[cfg.metric], {"weighted": "softmax", "nearest": "top1", "all": "uniform"}[cfg.method], cfg.T)
-    tchs = [probe_teacher(sfs[s], y_lab, C) for s in names]
-    if cfg.teacher == "probe": return sims, w, tchs, [t_["unl"] for t_ in tchs]
-    return sims, w, tchs, [(sfs[s].feats["unl"] - sfs[s].feats["unl"].mean(0)) / sfs[s].feats["unl"].std(0).clamp_min(1e-6) for s in names]
-
-def _full_finish(acc, model, cfg:SimilarFullConfig, out:Path, summary:dict, x_te:Tensor, y_te:Tensor, x_bn:Tensor)->dict:
-    "On the main process: re-estimate batch norm (TargetNet), test the student, save it and the summary."
-    if acc.is_main_process:
-        net = acc.unwrap_model(model).net.cpu()
-        if isinstance(net, TargetNet): recalibrate_bn(net, x_bn.float() / 255)
-        summary["student_test_acc"] = accuracy(net.eval(), x_te.float() / 255, y_te)
-        summary["student_params"] = count_params(net)
-        save_tensors(out/"student.safetensors", net.state_dict())
-        (out/"summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
-
-# %% ../nbs/30_distill_similar.ipynb #c3d4e5f6
-@launcher("similar", SimilarFullConfig)
-def similar_full(cfg:SimilarFullConfig, out:Path)->dict:
-    "Score the sources, fit their probes and distil them into the target network under accelerate, resumably."
-    out = Path(out); cfg = _toy_under(cfg, out); check_source_files(cfg)
-    acc = make_accelerator(cfg.mixed_precision); rank, world = acc.process_index, acc.num_processes
-    with acc.main_process_first(): tdir = _target_dirs(cfg)
-    x_tr, y_tr, x_te, y_te, classes, lab, unl = _full_target(cfg, tdir); C = len(classes)
-    key = _listing_hash(tdir) + f"-{cfg.image_size}"; n_tr = len(x_tr)
-    names, sfs = _full_source_features(cfg, acc, torch.cat([x_tr, x_te]), n_tr, lab, unl, key, out)
-    y_lab = y_tr[lab]
-    sims, w, tchs, targets = _full_teachers(cfg, names, sfs, y_lab, C)
-    seed_everything(cfg.seed)
-    model = _StudentWithProj(_student(cfg, C), [t_.shape[1] for t_ in targets] if cfg.teacher == "feature" else [], cfg.image_size)
-    opt = torch.optim.Adam(model.parameters(), cfg.lr); model, opt = acc.prepare(model, opt)
-    xl, xu = x_tr[lab], x_tr[unl]; crash_at = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1))
-    def step(i):
-        if i == crash_at and acc.is_main_process: os._exit(17)
-        for pg in opt.param_groups: pg["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i * 17 + rank)          # stateless: resumes bit-identically
-        li = step_batch(len(lab), min(cfg.lab_batch, len(lab)), i, cfg.seed)[rank::world]
-        ui = step_batch(len(unl), cfg.batch_size, i, cfg.seed + 1)[rank::world]
-        xb = augment(torch.cat([xl[li], xu[ui]]).float() / 255, "weak", g).to(acc.device)
-        with acc.autocast():
-            out_s, f = model(xb); ol, ou, fu = out_s[:len(li)], out_s[len(li):], f[len(li):]
-            loss = hard_ce(ol, y_lab[li].to(acc.device))
-            pj = acc.unwrap_model(model).proj
-            loss = loss + _distill_term(ou, fu, [t_.to(acc.device) for t_ in targets], w, ui, cfg.mix, cfg.teacher, pj, cfg.lam, cfg.tau)
-        opt.zero_grad(); acc.backward(loss); opt.step()
-        return acc.reduce(loss.detach(), "mean")
-    res = fit(step, cfg.steps, Checkpointer(out/"checkpoints", keep=cfg.keep), {"student": acc.unwrap_model(model)}, {"opt": opt},
-              every=cfg.checkpoint_every, desc="student", is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
-    acc.wait_for_everyone()
-    summary = {"final_loss": res["losses"][-1], "resumed_from": res["resumed_from"], "world_size": world, "sources": names,
-               "similarities": sims, "weights": w.tolist(), "method": cfg.method,
-               "teacher_test_acc": [float((t_["test"].argmax(1) == y_te).float().mean()) for t_ in tchs]}
-    return _full_finish(acc, model, cfg, out, summary, x_te, y_te, torch.cat([xl, xu[:2000]]))
-
-# %% ../nbs/30_distill_similar.ipynb #e5f6a7b8
-@dataclasses.dataclass
-class FinetuneConfig(Config):
-    steps: int = 3000                # SGD steps per source
-    batch_size: int = 64
-    lr: float = 0.01                 # Nesterov SGD, cosine decay to 0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    checkpoint_every: int = 500
-    seed: int = 0
-    device: str = ""                 # '' -> cuda when available, else cpu
-
-def _classifier_keys(module:nn.Module)->set[str]:
-    "State-dict keys of the classifier head (timm's `get_classifier()`, SmallCNN's `head`)."
-    clf = module.get_classifier() if hasattr(module, "get_classifier") else module.head
-    name = next(n for n, m in module.named_modules() if m is clf)
-    return {f"{name}.{k}" for k in clf.state_dict()}
-
-def init_from_pretrained(module:nn.Module, path:str, what:str="pretrained")->list[str]:
-    "Load a pretrained state dict into `module` except its classifier (a new head); returns the keys left at their init."
-    sd, own, clf = _load_state(path), module.state_dict(), _classifier_keys(module)
-    body = {k: v for k, v in sd.items() if k not in clf}
-    bad = [k for k, v in body.items() if k not in own or v.shape != own[k].shape]
-    if bad: raise ConfigError(f"{what}: {path} does not fit this architecture ({len(bad)} key(s) differ, e.g. {bad[0]!r}); "
-                              f"set it to pretrained weights of the same architecture")
-    missing = sorted(module.load_state_dict(body, strict=False).missing_keys)
-    lost = [k for k in missing if k not in clf and not k.endswith("num_batches_tracked")]
-    if lost: raise ConfigError(f"{what}: {path} lacks {len(lost)} body weight(s), e.g. {lost[0]!r}; set it to a complete state dict of the same architecture")
-    return missing
-
-# %% ../nbs/30_distill_similar.ipynb #f6a7b8c9
-def finetune_source(spec:SourceSpec, size:int, fcfg:FinetuneConfig=FinetuneConfig(), what:str="source")->dict:
-    "Fine-tune `spec.pretrained` on `spec.train_dir` with a new head for its classes; write `spec.weights` (safetensors)."
-    x, y, classes = _folder_tensors(Path(spec.train_dir), size)
-    if len(classes) != spec.num_classes:
-        raise ConfigError(f"{what}.num_classes: {spec.train_dir} has {len(classes)} class folders but num_classes={spec.num_classes}; set num_classes to {len(classes)}")
-    seed_everything(fcfg.seed); model, inner = _source_model(spec); init_from_pretrained(inner, spec.pretrained, f"{what}.pretrained")
-    dev = torch.device(fcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")); model.to(dev).train()
-    opt = torch.optim.SGD(model.parameters(), fcfg.lr, momentum=fcfg.momentum, nesterov=True, weight_decay=fcfg.weight_decay)
-    bs = min(fcfg.batch_size, len(y))
-    def step(i):
-        for pg in opt.param_groups: pg["lr"] = fcfg.lr * 0.5 * (1 + math.cos(math.pi * i / fcfg.steps))
-        b = step_batch(len(y), bs, i, fcfg.seed); g = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + i)   # stateless: resumes exactly
-        xb = augment(x[b].float() / 255, "weak", g, shift=max(1, size // 16)); flip = torch.rand(len(b), generator=g) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).to(dev)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = F.cross_entropy(model(xb).float(), y[b].to(dev), label_smoothing=fcfg.label_smoothing)
-        opt.zero_grad(); loss.backward(); opt.step(); return loss
-    ckdir = Path(str(spec.weights) + ".finetune")
-    res = fit(step, fcfg.steps, Checkpointer(ckdir, keep=1), {"model": model}, {"opt": opt}, every=fcfg.checkpoint_every,
-              desc=f"fine-tune {spec.name}", config={"source": spec.to_dict(), "finetune": fcfg.to_dict(), "image_size": size})
-    model.eval().cpu()
-    out = {"source": spec.name, "steps": fcfg.steps, "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"],
-           "train_acc": accuracy(model, x.float() / 255, y)}
-    test = Path(spec.train_dir).parent/"test"
-    if test.is_dir():
-        xt, yt, ct = _folder_tensors(test, size)
-        if ct == classes: out["test_acc"] = accuracy(model, xt.float() / 255, yt)
-    Path(spec.weights).parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(spec.weights, inner.state_dict(), {"arch": spec.arch, "num_classes": str(spec.num_classes), "finetuned_from": str(spec.pretrained)})
-    Path(str(spec.weights) + ".json").write_text(json.dumps(out, indent=1)); shutil.rmtree(ckdir, ignore_errors=True)
-    return out
-
-# %% ../nbs/30_distill_similar.ipynb #a7b8c9d0
-def finetune_sources(cfg:SimilarFullConfig, fcfg:FinetuneConfig=FinetuneConfig(), only:Sequence[str]=(), force:bool=False,
-                     where:str="SimilarFullConfig")->dict:
-    "Fine-tune every source of `cfg` with `weights` and `train_dir` (or those in `only`); all inputs are checked first."
-    unknown = sorted(set(only) - {s.name for s in cfg.sources})
-    if unknown: raise ConfigError(f"--only {unknown[0]!r}: no such source in the config; sources: {', '.join(s.name for s in cfg.sources)}")
-    todo = [(i, s) for i, s in enumerate(cfg.sources) if s.weights and s.train_dir and (not only or s.name in only)]
-    if not todo: raise ConfigError(f"{where}: no source has both `weights` (the file to write) and `train_dir` (its images); "
-                                   f"add them to each source to fine-tune")
-    for i, s in todo:
-        key = f"{where}.sources[{i}]"
-        if not s.pretrained or not Path(s.pretrained).is_file():
-            raise ConfigError(f"{key}.pretrained: {Path(s.pretrained).absolute() if s.pretrained else 'empty'}"
-                              f"{' does not exist' if s.pretrained else ''}; save the {s.arch} pretrained state dict (timm's layout, "
-                              f".safetensors or .pth) at a local path and set pretrained to it")
-        d = Path(s.train_dir)
-        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
-            raise ConfigError(f"{key}.train_dir: {d.absolute()} has no class folders; place the source's labeled images under "
-                              f"{d}/<class>/*, or fix the path")
-    out = {}
-    for i, s in todo:
-        if Path(s.weights).exists() and not force: out[s.name] = {"skipped": f"{s.weights} exists (--force redoes it)"}; continue
-        out[s.name] = finetune_source(s, cfg.image_size, fcfg, f"{where}.sources[{i}]")
-    return out
-
-# %% ../nbs/30_distill_similar.ipynb #c9d0e1f2
-def finetune_cli(argv:list[str]|None=None)->dict:
-    "`python scripts/finetune_sources.py --config <launcher yaml>`: fine-tune the sources it needs (a user error: one line, exit 2)."
-    import argparse
-    from distill_nb.launch import apply_overrides
-    p = argparse.ArgumentParser(prog="finetune_sources.py", description="Fine-tune the source models a `similar` launcher config needs.")
-    p.add_argument("--config", type=Path, required=True, help="the launcher config, e.g. configs/similar/resnet_pool.yaml")
-    p.add_argument("--only", action="append", default=[], help="fine-tune only this source (repeatable)")
-    p.add_argument("--force", action="store_true", help="redo sources whose weights file exists")
-    p.add_argument("--set", action="append", default=[], help="a FinetuneConfig override KEY=VALUE, e.g. --set steps=500")
-    a = p.parse_args(argv)
-    try:
-        cfg = SimilarFullConfig.from_yaml(a.config)
-        res = finetune_sources(cfg, FinetuneConfig.from_dict(apply_overrides({}, a.set), _where="FinetuneConfig (--set)"), a.only, a.force,
-                               where=f"SimilarFullConfig ({a.config.name})")
-    except (ConfigError, FileNotFoundError, ImportError) as e: print(f"error: {' '.join(str(e).split())}", file=sys.stderr); sys.exit(2)
-    print(json.dumps(res, indent=1)); return res

@@ -167,7 +167,7 @@ def test_similar_strong_init(monkeypatch, tmp_path):
     check_seeded(monkeypatch, tmp_path, lambda: strong_init(InitConfig(target="fashion", n_per_domain=64, steps=2, batch_size=32)))
 
 def test_similar_full_source(monkeypatch, tmp_path):
-    from distill_nb.similar import SourceSpec, build_source, make_toy_image_folder
+    from distill_nb.similar_full import SourceSpec, build_source, make_toy_image_folder
     root = make_toy_image_folder(tmp_path/"data", classes=3, n_train=8, n_test=2, size=16, name="src")
     spec = SourceSpec(name="toy", arch="small_cnn", num_classes=3, train_dir=str(root/"train"), train_steps=2)
     check_seeded(monkeypatch, tmp_path, lambda: build_source(spec, 16))

@@ -81,7 +81,8 @@ def stub_timm(tmp_path):
 
 def test_feature_projection_sized_from_pre_logits(tmp_path):
     import torch
-    from distill_nb.similar import _StudentWithProj, _distill_term
+    from distill_nb.similar import _distill_term
+    from distill_nb.similar_full import _StudentWithProj
     timm, _ = stub_timm(tmp_path)
     net = timm.create_model("mobilenetv3_small_100", num_classes=3); assert net.num_features != net.head_hidden_size
     m = _StudentWithProj(net, [5, 7], size=16)
@@ -107,7 +108,7 @@ def test_finetune_sources_script_then_launcher(tmp_path, capsys):
     import os, torch
     from safetensors.torch import save_file
     from distill_nb.core import ConfigError
-    from distill_nb.similar import make_toy_image_folder, check_source_files, finetune_cli, SimilarFullConfig, TimmSource, _folder_tensors
+    from distill_nb.similar_full import make_toy_image_folder, check_source_files, finetune_cli, SimilarFullConfig, TimmSource, _folder_tensors
     timm, stub = stub_timm(tmp_path); data = tmp_path/"data"
     make_toy_image_folder(data, classes=3, n_train=16, n_test=6, size=16, name="toy")
     for i, (n, k) in enumerate((("a", 3), ("b", 4))): make_toy_image_folder(data, classes=k, n_train=10, n_test=4, size=16, seed=i + 1, name=f"src_{n}", shift=0.3 * (i + 1))
