@@ -8,8 +8,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['UsageError', 'manifest_path', 'build_manifest', 'read_manifest', 'resolve_targets', 'listing', 'cmd_reproduce',
-           'cmd_results', 'cmd_bench', 'cmd_list', 'cmd_plan', 'cmd_data', 'cmd_outputs', 'cmd_readme', 'make_parser',
-           'main']
+           'cmd_results', 'cmd_bench', 'cmd_list', 'cmd_plan', 'cmd_data', 'cmd_outputs', 'cmd_readme', 'cmd_restamp',
+           'make_parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #b084e798
 import importlib.util
@@ -211,6 +211,22 @@ def cmd_readme(a)->int:
         print("README.md is up to date"); return 0
     readme.write_text(md); print(f"wrote {readme}"); return 0
 
+# %% ../nbs/06_cli.ipynb #f3caaa47
+def cmd_restamp(a)->int:
+    """Re-stamp a record after a refactor that cannot change its numbers (code moved out of the paper module, a tier move):
+the experiment runs cold on the given seeds in a checkout of the commit that made the record and in this one; only if
+their metrics, table, checks and summary agree byte for byte is the record written again with the current hashes."""
+    from distill_nb.records import restamp
+    paper, _, name = a.target.partition(":")
+    if not name: raise UsageError(f"give one experiment as paper:experiment, got {a.target!r}")
+    os.environ["DISTILL_NB_JOBS"] = str(a.jobs or os.cpu_count() or 1)
+    try: r = restamp(paper, name, a.seeds, a.pilot_seeds, scale=a.scale, to_scale=a.to_scale, root=a.results)
+    except (ValueError, KeyError) as ex: raise UsageError(str(ex).strip('"')) from None   # bad seeds or tier, or old and new code disagree
+    e = r.restamped[-1]
+    print(f"{paper}:{name}: re-stamped at --scale {r.scale} (code {e['from_code_hash']} → {r.code_hash}); identical on seeds "
+          f"{e['compared_seeds'] + e['compared_pilot_seeds']} in {e['check_time_s']:.0f} s; verdict unchanged: {r.verdict}")
+    return 0
+
 # %% ../nbs/06_cli.ipynb #9ca51cb5
 def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     "The `distill_nb` argument parser."
@@ -254,6 +270,12 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     sub.add_parser("data", help="which offline data and weights are installed").set_defaults(fn=cmd_data)
     o = sub.add_parser("outputs", help="store the notebooks' outputs (tables, figures) in the files", description=cmd_outputs.__doc__)
     o.add_argument("notebooks", nargs="*", help="notebook paths (default: every notebook but index)"); o.set_defaults(fn=cmd_outputs)
+    rs = sub.add_parser("restamp", help="re-stamp a record after a refactor (old and new code compared on a few seeds)", description=cmd_restamp.__doc__)
+    rs.add_argument("target", help="paper:experiment"); rs.add_argument("--seeds", type=int, nargs="+", required=True, help="some of the record's seeds")
+    rs.add_argument("--pilot-seeds", type=int, nargs="+", default=None, help="pilot seeds to run too (experiments that take them)")
+    rs.add_argument("--scale", choices=["quick", "extended"], default="quick", help="the record's tier now")
+    rs.add_argument("--to-scale", choices=["quick", "extended"], default=None, help="the tier it moves to (default: stays)")
+    rs.add_argument("--results", type=Path, default=None); rs.add_argument("-j", "--jobs", type=int, default=None); rs.set_defaults(fn=cmd_restamp)
     m = sub.add_parser("readme", help="render README.md from nbs/index.ipynb (source checkout)", description=cmd_readme.__doc__)
     m.add_argument("--check", action="store_true", help="only check that README.md is up to date"); m.set_defaults(fn=cmd_readme)
     return p

@@ -491,7 +491,8 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
     from peft import LoraConfig
-    from distill_nb.hyper_sd import _LORA_TARGETS, UNetFeatureDisc, ClipMLPReward, SegFeedback
+    from distill_nb.hyper_sd import _LORA_TARGETS
+    from distill_nb.hyper_sd_full import UNetFeatureDisc, ClipMLPReward, SegFeedback
     if cfg.base_model == "tiny": return [Phase("all", lambda: {}, skip="base_model tiny: a smoke-test pipeline, nothing to plan")]
     p = Path(cfg.base_model).expanduser() if cfg.base_model else None
     ukw = SDXL_UNET if cfg.arch == "sdxl" else SD15_UNET; src = f"{cfg.arch} architecture (base_model absent)"

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['PAPERS', 'EXPERIMENTS', 'TIERS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 'FAILED', 'ExperimentSpec', 'record_key',
-           'experiment', 'PaperNotAvailable', 'load_paper', 'available_papers', 'get_experiments', 'benchmark',
-           'get_benchmarks', 'Check', 'claim', 'claim_test', 'guard', 'power_gate', 'seeds_gate', 'is_legacy',
-           'verdict_from', 'versions', 'Record', 'results_dir', 'write_record', 'load_record', 'load_records',
-           'protocol_file', 'protocol', 'preregistered', 'source_hash', 'code_hash', 'record_status', 'GuardFailed',
-           'run_experiment', 'jobs', 'run_parallel', 'md_table', 'verdict_cell', 'time_cell', 'records_table',
-           'checks_table', 'record_markdown', 'render_results', 'show_experiment', 'show_records', 'notebook_markdown',
-           'output_problems', 'fill_outputs']
+__all__ = ['PAPERS', 'EXPERIMENTS', 'TIERS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 'FAILED', 'RESTAMP_KEYS', 'ExperimentSpec',
+           'record_key', 'experiment', 'PaperNotAvailable', 'load_paper', 'available_papers', 'get_experiments',
+           'benchmark', 'get_benchmarks', 'Check', 'claim', 'claim_test', 'guard', 'power_gate', 'seeds_gate',
+           'is_legacy', 'verdict_from', 'versions', 'Record', 'results_dir', 'write_record', 'load_record',
+           'load_records', 'protocol_file', 'protocol', 'preregistered', 'source_hash', 'code_hash', 'record_status',
+           'GuardFailed', 'run_experiment', 'jobs', 'run_parallel', 'commit_with_code', 'restamp', 'md_table',
+           'verdict_cell', 'time_cell', 'records_table', 'checks_table', 'record_markdown', 'render_results',
+           'show_experiment', 'show_records', 'notebook_markdown', 'output_problems', 'fill_outputs']
 
 # %% ../nbs/05_records.ipynb #c0611ab8
 import numpy as np
@@ -230,6 +230,7 @@ class Record:
     code_hash: str = ""                          # source_hash of the paper module when it ran (its tokens)
     runtime: dict = dataclasses.field(default_factory=dict)   # jobs, processes: how it ran (never a metric)
     versions: dict = dataclasses.field(default_factory=versions)
+    restamped: list = dataclasses.field(default_factory=list)  # re-stamps after refactors (`restamp`): what was compared
     created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     verdict: str = ""
     figs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> matplotlib Figure, saved by write_record
@@ -429,6 +430,90 @@ def run_parallel(fn:Callable, items:list, jobs_:int|None=None, threads:int=1, de
         for done, (i, r, pid, sec) in enumerate(pool.imap_unordered(_call, [(fn, i, x, threads) for i, x in enumerate(items)]), 1):
             out[i] = r; _PIDS.add(pid); _say(desc, done, len(items), items[i], sec, pid)
     return out
+
+# %% ../nbs/05_records.ipynb #14cfcead
+def _module_rel(paper:str)->str: return PAPERS[paper][0].replace(".", "/") + ".py"
+
+def commit_with_code(paper:str, h:str, root:str|Path|None=None)->str|None:
+    "The newest commit whose `distill_nb/<paper>.py` has code hash `h` (the code a record was made with), or None."
+    root = Path(root or repo_root() or "."); rel = _module_rel(paper)
+    for c in _git(root, "log", "--format=%H", "--", rel).split():
+        try:
+            if source_hash(_git(root, "show", f"{c}:{rel}")) == h: return c
+        except Exception: continue
+    return None
+
+def _run_in(tree:Path, paper:str, name:str, scale:str, kw:dict, out:Path, jobs_:int)->dict:
+    "Run paper:name cold in a fresh process importing the package of checkout `tree` (its code, its protocol); the record as a dict."
+    import subprocess, sys
+    code = (f"import distill_nb, json; from pathlib import Path\n"
+            f"assert Path(distill_nb.__file__).resolve().is_relative_to({str(tree.resolve())!r}), distill_nb.__file__\n"
+            f"from distill_nb.records import load_paper, EXPERIMENTS, run_experiment\n"
+            f"load_paper({paper!r}); run_experiment(EXPERIMENTS[({paper!r}, {name!r})], {scale!r}, {str(out)!r}, cold=True, **json.loads({json.dumps(kw)!r}))")
+    env = {**os.environ, "PYTHONPATH": str(tree), "DISTILL_NB_JOBS": str(jobs_), "DISTILL_NB_RESULTS": str(out)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    if p.returncode: raise RuntimeError(f"{paper}:{name} failed in {tree}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+    return json.loads((out/paper/f"{record_key(name, scale)}.json").read_text())
+
+RESTAMP_KEYS = ("metrics", "table", "checks", "summary")   # what must agree byte for byte
+
+def _digest(d:dict)->str:
+    import hashlib
+    return hashlib.sha256(json.dumps([d.get(k) for k in RESTAMP_KEYS], sort_keys=True).encode()).hexdigest()[:12]
+
+def _first_difference(a:dict, b:dict)->str|None:
+    for k in RESTAMP_KEYS:
+        if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True): return k
+    return None
+
+# %% ../nbs/05_records.ipynb #53045382
+def restamp(paper:str, name:str,
+            seeds:list[int],             # a few of the record's own seeds, run in both checkouts
+            pilot_seeds:list[int]|None=None,  # for experiments with pilot seeds (None: the experiment takes none here)
+            scale:str="quick",           # the record's tier now
+            to_scale:str|None=None,      # the tier it moves to (None: stays)
+            root:str|Path|None=None,     # records directory
+            jobs_:int|None=None)->Record:
+    "Re-stamp a record made by an earlier commit after a refactor: old and new code must give identical sub-records on `seeds`."
+    import shutil, subprocess, tempfile
+    to_scale = to_scale or scale; root = Path(root or results_dir()); repo = repo_root()
+    if repo is None: raise RuntimeError("restamp needs the source checkout (an editable install)")
+    rec = load_record(paper, name, root, scale)
+    if bad := sorted(set(seeds) - set(rec.seeds)): raise ValueError(f"seeds {bad} are not among the record's seeds {rec.seeds}; pick some of those")
+    if (spec := EXPERIMENTS.get((paper, name))) is None: load_paper(paper); spec = EXPERIMENTS.get((paper, name))
+    if spec is None: raise KeyError(f"no experiment {paper}:{name} in this checkout; `distill_nb list` shows them")
+    if to_scale not in spec.tiers: raise ValueError(f"{paper}:{name} has no {to_scale} tier now (its tiers: {', '.join(spec.tiers)})")
+    old = commit_with_code(paper, rec.code_hash, repo)
+    if old is None: raise ValueError(f"no commit of {_module_rel(paper)} has the record's code hash {rec.code_hash}; re-run the experiment instead")
+    new_pro = protocol(paper, name, scale=to_scale)
+    kw = {"seeds": list(seeds)} | ({"pilot_seeds": list(pilot_seeds)} if pilot_seeds is not None else {})
+    j = jobs_ or jobs(); t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="distill_nb-restamp-") as tmp:
+        tmp = Path(tmp); tree = tmp/"old"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), old], check=True, capture_output=True)
+        try:
+            a = _run_in(tree, paper, name, scale, kw, tmp/"a", j)
+            b = _run_in(repo, paper, name, to_scale, kw, tmp/"b", j)
+        finally: subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    if k := _first_difference(a, b):
+        raise ValueError(f"{paper}:{name}: the old code ({old[:8]}) and this checkout disagree in `{k}` on seeds {seeds}; "
+                         f"the refactor changed what the experiment computes: re-run it (`distill_nb reproduce {paper}:{name}`)")
+    entry = {"from_code_hash": rec.code_hash, "from_protocol_hash": rec.protocol_hash, "from_scale": scale, "made_by": old[:12],
+             "compared_seeds": list(seeds), "compared_pilot_seeds": list(pilot_seeds or []), "compared": list(RESTAMP_KEYS),
+             "compared_sha": _digest(b), "compared_summary": b.get("summary", ""),   # what both sides gave (evidence)
+             "check_time_s": round(time.time() - t0, 1), "date": datetime.date.today().isoformat()}
+    ok, nk = f"{paper}/{record_key(name, scale)}_", f"{paper}/{record_key(name, to_scale)}_"
+    figs = [nk + f.removeprefix(ok) if f.startswith(ok) else f for f in rec.figures]
+    note = (f" Re-stamped {entry['date']} from code {rec.code_hash} ({old[:8]}){'' if to_scale == scale else f', {scale} tier'}: "
+            f"that code and this one gave identical {', '.join(RESTAMP_KEYS)} on seeds {list(seeds)} (cold); the numbers are the original run's.")
+    d = rec.to_dict() | {"scale": to_scale, "code_hash": code_hash(paper), "protocol": new_pro, "protocol_hash": config_hash(new_pro),
+                         "restamped": rec.restamped + [entry], "figures": figs, "notes": (rec.notes + note).strip()}
+    new = Record(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(Record)}})
+    for f, g in zip(rec.figures, figs):
+        if f != g and (root/f).exists(): os.replace(root/f, root/g)
+    write_record(new, root)
+    if to_scale != scale: (root/paper/f"{record_key(name, scale)}.json").unlink()
+    return new
 
 # %% ../nbs/05_records.ipynb #60bfddd7
 def _md_escape(s:str)->str: return str(s).replace("|", "\\|").replace("\n", " ")

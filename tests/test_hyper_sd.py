@@ -1,7 +1,7 @@
 """Hyper-SD: the full-scale launcher (TSCD + adversarial term, feedback LoRA, DMD) under 2 real CPU processes (torchrun,
 gloo) with kill/resume in the later phases, 2 processes = 1 process × 2 accumulated micro-batches, gradient checkpointing with the adversarial stage, its bad-input errors and its
 shipped configs; LoRAs saved by `save_lora` loaded into real diffusers pipelines. (The fresh-process sampling round
-trip and the tiny SDXL run are tested in nbs/50_hyper_sd.ipynb.)"""
+trip is tested in nbs/50_hyper_sd.ipynb, the tiny SDXL run in nbs/51_hyper_sd_full.ipynb.)"""
 import json
 from pathlib import Path
 import pytest
@@ -14,6 +14,13 @@ TINY = ROOT/"configs"/"hyper_sd"/"tiny.yaml"
 
 def launch(out, home, *sets, nproc=2, cfg=TINY, **env):
     return run_launch("hyper_sd", cfg, out, nproc, list(sets), home=home, **env)
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    "--set arguments for a COCO-shaped folder and a tiny CLIP folder: the reference run evaluates its final LoRA on 4 prompts."
+    from distill_nb.hyper_sd_full import fake_coco, tiny_clip
+    d = tmp_path_factory.mktemp("coco"); fake_coco(d/"coco"); tiny_clip(d/"clip")
+    return [f"coco_root={d/'coco'}", f"clip_model={d/'clip'}", "eval_n=4", "eval_steps=[1,2]", "eval_batch=2"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -46,12 +53,12 @@ def cli(tmp_path, capsys, monkeypatch, *sets):
     with pytest.raises(SystemExit) as e: main(argv)
     return e.value.code, capsys.readouterr().err
 
-def test_two_processes_kill_and_resume(tmp_path, runs):
+def test_two_processes_kill_and_resume(tmp_path, runs, coco):
     """tiny.yaml: TSCD steps 0-3 (k=4, 2, 1; adversarial weight 0 / 0.3 / 0.6), feedback 4-6, DMD 7-9; checkpoints
     every 2 steps. Rank 0 is killed in the feedback phase (step 6), the resumed run is killed again in the DMD phase
     (step 8), and the second resume must end bit-identical to an uninterrupted run (all LoRAs and the fake score)."""
     home = tmp_path/"home"
-    ref = runs("ref")
+    ref = runs("ref", *coco)
     s_ref = json.loads((ref/"summary.json").read_text())
     assert s_ref["world_size"] == 2 and s_ref["resumed_from"] is None and s_ref["stages"] == [4, 2, 1]
     assert s_ref["phases"] == ["tscd-k4", "tscd-k2", "tscd-k1", "feedback", "dmd"]
@@ -102,7 +109,7 @@ def test_shipped_config_is_consistent(name):
     """Each shipped config builds and validates, and its derived quantities agree: the phases tile the step range, the
     TSCD segment counts fall to 1, the adversarial weight rises, the global batch splits into processes × accumulation ×
     per-device batch, checkpoints fall inside the run."""
-    from distill_nb.hyper_sd import HyperSDFullConfig, full_phases
+    from distill_nb.hyper_sd_full import HyperSDFullConfig, full_phases
     cfg = HyperSDFullConfig.from_yaml(ROOT/"configs"/"hyper_sd"/f"{name}.yaml")   # unknown keys, bad types, __post_init__ checks
     assert cfg.arch == ("sdxl" if "sdxl" in name else "sd15"), (name, cfg.arch)
     phases = full_phases(cfg)
@@ -121,7 +128,8 @@ def test_shipped_config_is_consistent(name):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_lora_targets_exist(arch):
     "Every launcher LoRA target names modules of the SD1.5/SDXL UNet layout (a typo would silently train nothing there)."
-    from distill_nb.hyper_sd import tiny_sd, _LORA_TARGETS
+    from distill_nb.hyper_sd import _LORA_TARGETS
+    from distill_nb.hyper_sd_full import tiny_sd
     names = [n for n, _ in tiny_sd(arch)["unet"].named_modules()]
     missing = [t for t in _LORA_TARGETS if not any(n == t or n.endswith("." + t) for n in names)]
     assert not missing, missing
@@ -138,7 +146,7 @@ def test_lora_loads_completely(arch):
     """A LoRA on every launcher target (alpha = 2·rank, perturbed), saved by `save_lora` and loaded with
     `pipe.load_lora_weights` into a fresh StableDiffusionPipeline / StableDiffusionXLPipeline / HyperSDPipeline: every
     tensor arrives unchanged, no loader warning, and the UNet computes the trained model's output, unfused and fused."""
-    from distill_nb.hyper_sd import lora_load_check
+    from distill_nb.hyper_sd_full import lora_load_check
     q = lora_load_check(arch)
     assert q["file_tensors"] == 154 and q["loaded"] == q["unet_lora_tensors"] == q["file_tensors"], q
     assert q["warnings"] == [], q["warnings"]
@@ -148,7 +156,7 @@ def test_lora_loads_completely(arch):
 
 def test_lora_check_catches_the_old_saver():
     "The same check on the old converter's file: part of the tensors are dropped and the output differs (the check can fail)."
-    from distill_nb.hyper_sd import lora_load_check
+    from distill_nb.hyper_sd_full import lora_load_check
     q = lora_load_check("sd15", save=_save_lora_v0)
     assert q["loaded"] == 90 < q["file_tensors"] == 154 and q["max_diff"] > 0.1 and q["warnings"], q
 
@@ -164,13 +172,32 @@ def test_gradient_checkpointing_adversarial(runs):
     sa, sb = (json.loads((d/"summary.json").read_text()) for d in (on, off))
     assert sa["phase_last_loss"] == sb["phase_last_loss"] and "tscd-k1" in sa["phase_last_loss"]
 
+def test_coco_eval_two_processes(runs, coco, tmp_path):
+    """The reference run (2 processes) evaluated its unified LoRA on the COCO prompts, each process sampling its share;
+    one process sampling all of them from the saved LoRA (`load_lora_weights` into a fresh pipeline) gives the same images."""
+    import numpy as np
+    from PIL import Image
+    import yaml
+    from distill_nb.launch import apply_overrides
+    from distill_nb.hyper_sd_full import HyperSDFullConfig, check_eval, coco_eval
+    ref = runs("ref", *coco); c = json.loads((ref/"coco"/"coco.json").read_text())
+    assert sorted(c) == ["1", "2"] and all(v["n"] == 4 and np.isfinite([v["clip_score"], v["fd"]]).all() for v in c.values()), c
+    assert json.loads((ref/"summary.json").read_text())["coco"] == c
+    cfg = HyperSDFullConfig.from_dict(apply_overrides(yaml.safe_load(TINY.read_text()), coco)); items = check_eval(cfg)
+    one = coco_eval(cfg, ref/"lora-unified", items, tmp_path/"one")
+    for k in ("1", "2"):
+        for it in items:
+            a, b = (np.asarray(Image.open(d/f"{k}-step"/f"{it['image_id']}.png"), dtype=int) for d in (ref/"coco", tmp_path/"one"))
+            assert np.abs(a - b).max() <= 1, (k, it["image_id"])
+        assert abs(one[k]["clip_score"] - c[k]["clip_score"]) < 0.05, (k, one[k], c[k])
+
 SHORT = ["ks=[2,1]", "iters_per_stage=[1,2]", "adv_weights=[0.0,0.5]", "feedback_iters=1", "dmd_iters=2"]   # every phase, 6 steps
 
-def test_two_processes_equal_accumulation(runs):
+def test_two_processes_equal_accumulation(runs, coco):
     """DDP and gradient accumulation agree: 2 processes × micro-batch 2 and 1 process × 2 accumulated micro-batches of 2,
     on the same global batch of 4 (the same rows and the same noise per micro-batch), give the same LoRAs (every
     adapter), discriminator-trained TSCD stages, feedback LoRA and fake score to float tolerance (tiny.yaml, every phase)."""
-    ddp, acc = runs("ref"), runs("acc", "gradient_accumulation_steps=2", nproc=1)
+    ddp, acc = runs("ref", *coco), runs("acc", "gradient_accumulation_steps=2", nproc=1)
     sd, sa = (json.loads((d/"summary.json").read_text()) for d in (ddp, acc))
     assert (sd["world_size"], sd["per_device_batch"], sd["gradient_accumulation_steps"]) == (2, 2, 1), sd
     assert (sa["world_size"], sa["per_device_batch"], sa["gradient_accumulation_steps"]) == (1, 2, 2), sa
@@ -187,7 +214,7 @@ def test_two_processes_equal_accumulation(runs):
 def test_config_errors_name_the_key(tmp_path, capsys, monkeypatch):
     "Bad values raise a one-line ConfigError that names the key and the fix; an uneven batch split fails before any model loads."
     from distill_nb.core import ConfigError
-    from distill_nb.hyper_sd import HyperSDFullConfig
+    from distill_nb.hyper_sd_full import HyperSDFullConfig
     with pytest.raises(ConfigError, match=r"^HyperSDFullConfig\.adv_weights: \[1\.5\] outside \[0, 1\) .*set each adversarial weight to a value in \[0, 1\)$"):
         HyperSDFullConfig(adv_weights=[0.0, 0.1, 0.3, 1.5])
     with pytest.raises(ConfigError, match=r"^HyperSDFullConfig\.mixed_precision: fp16 needs loss scaling.*set mixed_precision to bf16"):
@@ -196,7 +223,7 @@ def test_config_errors_name_the_key(tmp_path, capsys, monkeypatch):
         HyperSDFullConfig(gradient_accumulation_steps=0)
     with pytest.raises(ConfigError, match=r"fake_score"):
         HyperSDFullConfig(fake_score="half")
-    import distill_nb.hyper_sd as H
+    import distill_nb.hyper_sd_full as H
     monkeypatch.setattr(H, "make_accelerator", lambda *a, **k: pytest.fail("the split must fail before the accelerator is made"))
     code, err = cli(tmp_path, capsys, monkeypatch, "gradient_accumulation_steps=3")
     assert code == 2 and err.startswith("error: batch_size 4 does not split over 1 process(es) × 3 accumulation step(s)"), err[-2000:]
@@ -227,7 +254,8 @@ def test_quick_dmd_fake_score_option():
     teacher's own weights and trains a different student."""
     import copy, torch
     from distill_nb.diffusion import EpsMLP, FakeScoreTrainer, LoRAFakeScoreTrainer
-    from distill_nb.hyper_sd import RingDMDConfig, UnifiedConfig, HyperSDFullConfig, ring_one_step, make_fake_score
+    from distill_nb.hyper_sd import RingDMDConfig, UnifiedConfig, ring_one_step, make_fake_score
+    from distill_nb.hyper_sd_full import HyperSDFullConfig
     torch.manual_seed(0); tea = EpsMLP(hidden=32).requires_grad_(False); st = copy.deepcopy(tea)
     small = dict(iters=3, batch_size=32, bank=64, bank_steps=2)
     outs = {k: ring_one_step(st, tea, RingDMDConfig(**small, **kw)) for k, kw in
