@@ -470,6 +470,7 @@ def _first_difference(a:dict, b:dict)->str|None:
 def restamp(paper:str, name:str,
             seeds:list[int],             # a few of the record's own seeds, run in both checkouts
             pilot_seeds:list[int]|None=None,  # for experiments with pilot seeds (None: the experiment takes none here)
+            overrides:dict|None=None,    # smaller budgets for the comparison (keyword arguments of the experiment, e.g. epochs)
             scale:str="quick",           # the record's tier now
             to_scale:str|None=None,      # the tier it moves to (None: stays)
             root:str|Path|None=None,     # records directory
@@ -486,8 +487,8 @@ def restamp(paper:str, name:str,
     old = commit_with_code(paper, rec.code_hash, repo)
     if old is None: raise ValueError(f"no commit of {_module_rel(paper)} has the record's code hash {rec.code_hash}; re-run the experiment instead")
     new_pro = protocol(paper, name, scale=to_scale)
-    kw = {"seeds": list(seeds)} | ({"pilot_seeds": list(pilot_seeds)} if pilot_seeds is not None else {})
-    j = jobs_ or jobs(); t0 = time.time()
+    kw = {"seeds": list(seeds)} | ({"pilot_seeds": list(pilot_seeds)} if pilot_seeds is not None else {}) | dict(overrides or {})
+    j, t0, h_new = jobs_ or jobs(), time.time(), code_hash(paper)
     with tempfile.TemporaryDirectory(prefix="distill_nb-restamp-") as tmp:
         tmp = Path(tmp); tree = tmp/"old"
         subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), old], check=True, capture_output=True)
@@ -495,18 +496,21 @@ def restamp(paper:str, name:str,
             a = _run_in(tree, paper, name, scale, kw, tmp/"a", j)
             b = _run_in(repo, paper, name, to_scale, kw, tmp/"b", j)
         finally: subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    if code_hash(paper) != h_new: raise RuntimeError(f"{_module_rel(paper)} changed while restamp ran; run it again")
     if k := _first_difference(a, b):
         raise ValueError(f"{paper}:{name}: the old code ({old[:8]}) and this checkout disagree in `{k}` on seeds {seeds}; "
                          f"the refactor changed what the experiment computes: re-run it (`distill_nb reproduce {paper}:{name}`)")
     entry = {"from_code_hash": rec.code_hash, "from_protocol_hash": rec.protocol_hash, "from_scale": scale, "made_by": old[:12],
              "compared_seeds": list(seeds), "compared_pilot_seeds": list(pilot_seeds or []), "compared": list(RESTAMP_KEYS),
+             "compared_overrides": dict(overrides or {}),
              "compared_sha": _digest(b), "compared_summary": b.get("summary", ""),   # what both sides gave (evidence)
              "check_time_s": round(time.time() - t0, 1), "date": datetime.date.today().isoformat()}
     ok, nk = f"{paper}/{record_key(name, scale)}_", f"{paper}/{record_key(name, to_scale)}_"
     figs = [nk + f.removeprefix(ok) if f.startswith(ok) else f for f in rec.figures]
     note = (f" Re-stamped {entry['date']} from code {rec.code_hash} ({old[:8]}){'' if to_scale == scale else f', {scale} tier'}: "
-            f"that code and this one gave identical {', '.join(RESTAMP_KEYS)} on seeds {list(seeds)} (cold); the numbers are the original run's.")
-    d = rec.to_dict() | {"scale": to_scale, "code_hash": code_hash(paper), "protocol": new_pro, "protocol_hash": config_hash(new_pro),
+            f"that code and this one gave identical {', '.join(RESTAMP_KEYS)} on seeds {list(seeds)} (cold"
+            f"{'; ' + ', '.join(f'{k}={v}' for k, v in overrides.items()) if overrides else ''}); the numbers are the original run's.")
+    d = rec.to_dict() | {"scale": to_scale, "code_hash": h_new, "protocol": new_pro, "protocol_hash": config_hash(new_pro),
                          "restamped": rec.restamped + [entry], "figures": figs, "notes": (rec.notes + note).strip()}
     new = Record(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(Record)}})
     for f, g in zip(rec.figures, figs):
