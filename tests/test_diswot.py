@@ -126,7 +126,8 @@ sys.addaudithook(_hook)
 
 def test_nb201_read_once_on_main_and_broadcast(tmp_path):
     "Issue 19: under 2 processes only rank 0 opens the benchmark file (an audit hook logs every open), and both ranks hold the same table."
-    from distill_nb.diswot import NB201Space, table_digest
+    from distill_nb.diswot import NB201Space
+    from distill_nb.diswot_full import table_digest
     home = tmp_path/"home"
     r = launch(tmp_path/"miss", home, "space=nb201")                                 # the error reaches every rank: no hang
     assert r.returncode != 0 and "place NAS-Bench-201" in r.stderr
@@ -192,7 +193,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT/"configs"/"diswot").glob("*.yaml") if p.name != "protocol.yaml"))
 def test_shipped_schedules_decay_within_the_run(name):
     "Issue 19: every learning-rate decay of a shipped config falls inside the epochs it runs (the official NB201 one never decayed)."
-    from distill_nb.diswot import DiswotFullConfig
+    from distill_nb.diswot_full import DiswotFullConfig
     cfg = DiswotFullConfig.from_yaml(ROOT/"configs"/"diswot"/name)
     for decay, epochs in ((cfg.lr_decay_epochs, cfg.epochs), (cfg.teacher_lr_decay_epochs, cfg.teacher_epochs)):
         assert decay and all(0 < e < epochs for e in decay) and list(decay) == sorted(decay), (name, decay, epochs)
