@@ -9,15 +9,15 @@ from typing import Literal, Sequence
 
 # %% auto #0
 __all__ = ['DiswotData', 'DiswotSearch', 'DiswotFullConfig', 'crop_flip', 'TensorData', 'FolderData', 'load_batch', 'full_data',
-           'nb201_from_dict', 'nb201_accuracies', 'nb201_lookup', 'nb201_on_main', 'table_digest', 'diswot_full',
-           'full_speedup']
+           'nb201_from_dict', 'nb201_accuracies', 'nb201_lookup', 'nb201_on_main', 'table_digest', 'lr_at',
+           'diswot_full', 'full_speedup']
 
 # %% ../nbs/41_diswot_full.ipynb #2ad1683a
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import Config, Checkpointer, cached_tensors, fit, save_tensors, atomic_write_json, count_params
+from .core import Config, ConfigError, Checkpointer, cached_tensors, fit, save_tensors, atomic_write_json, count_params
 from .kd import kd_kl
 from .launch import launcher, make_accelerator
 from .diswot import (StageNet, SearchSpace, NB201Space, resnet_like, s1_space, imagenet_space, load_resnet_weights, _require_weights,
@@ -72,10 +72,11 @@ class DiswotFullConfig(DiswotSearch):
     teacher_epochs: int = 240
     teacher_lr: float = 0.05
     teacher_batch_size: int = 64
-    teacher_lr_decay_epochs: list[int] = dataclasses.field(default_factory=lambda: [150, 180, 210])
+    teacher_lr_decay_at: list[float] = dataclasses.field(default_factory=lambda: [0.625, 0.75, 0.875])  # fractions of its steps
     teacher_checkpoint_every: int = 1000
     epochs: int = 240
-    lr_decay_epochs: list[int] = dataclasses.field(default_factory=lambda: [150, 180, 210])
+    lr_schedule: Literal["step", "cosine"] = "step"   # teacher and student: x0.1 at the `*_decay_at` fractions, or cosine to 0
+    lr_decay_at: list[float] = dataclasses.field(default_factory=lambda: [0.625, 0.75, 0.875])  # 240 epochs: 150/180/210 [code]
     batch_size: int = 64                     # global: split over the processes
     lr: float = 0.05
     momentum: float = 0.9
@@ -88,6 +89,14 @@ class DiswotFullConfig(DiswotSearch):
     checkpoint_every: int = 1000
     keep: int = 3
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for k in ("lr_decay_at", "teacher_lr_decay_at"):
+            v = getattr(self, k)
+            if not all(0 < f < 1 for f in v) or list(v) != sorted(v):
+                raise ConfigError(f"{k}: {v} is not a list of increasing fractions of the run in (0, 1); "
+                                  f"write e.g. [0.625, 0.75, 0.875] (epochs 150/180/210 of 240)")
 
 # %% ../nbs/41_diswot_full.ipynb #a5320190
 _CIFAR_MEAN, _CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -258,28 +267,32 @@ def _teacher_weights(cfg:DiswotFullConfig)->Path|None:
     d = full_data_root(cfg.data_root or None)/"pretrained"
     return next((p for p in (d/"resnet34.safetensors", d/"resnet34.pth") if p.exists()), d/"resnet34.safetensors")
 
-# %% ../nbs/41_diswot_full.ipynb #ac0d20c9
-def _multistep_lr(lr:float, decay_epochs:Sequence[int], step:int, steps_per_epoch:int)->float:
-    return lr * 0.1 ** sum(step >= e * steps_per_epoch for e in decay_epochs)
+# %% ../nbs/41_diswot_full.ipynb #1ba6c911
+def lr_at(lr:float, step:int, total:int, schedule:str="step", decay_at:Sequence[float]=(0.625, 0.75, 0.875))->float:
+    "The learning rate at `step` of a `total`-step run: ×0.1 from each fraction `decay_at` of the run on, or a cosine from `lr` to 0."
+    if schedule == "cosine": return lr * 0.5 * (1 + math.cos(math.pi * step / total))
+    return lr * 0.1 ** sum(step >= round(f * total) for f in decay_at)
 
-def _fit_sgd(acc, model:nn.Module, opt, train, loss_fn, name:str, ck_dir:Path, *, lr:float, decay_epochs:Sequence[int],
+# %% ../nbs/41_diswot_full.ipynb #ac0d20c9
+def _fit_sgd(acc, model:nn.Module, opt, train, loss_fn, name:str, ck_dir:Path, *, lr:float, schedule:str, decay_at:Sequence[float],
              batch_size:int, epochs:int, seed:int, augment:bool, keep:int, every:int, crash_env:str, crash_code:int,
              workers:int=0)->dict:
-    "Resumable multistep-LR training under accelerate, its batches from the engine's `StepLoader`."
+    "Resumable SGD under accelerate (`lr_at` every step), its batches from the engine's `StepLoader`; adds the first and last step's lr."
     from distill_nb.launch import StepLoader
     spe = math.ceil(len(train) / batch_size); dev = acc.device
     batches = StepLoader(train, acc, batch_size, seed, workers); lo = acc.process_index * batches.micro
     crash_at = int(os.environ.get(crash_env, -1))      # test hook: the main process dies hard before this step
     def step(i):
         if i == crash_at and acc.is_main_process: os._exit(crash_code)
-        for gp in opt.param_groups: gp["lr"] = _multistep_lr(lr, decay_epochs, i, spe)
+        for gp in opt.param_groups: gp["lr"] = lr_at(lr, i, epochs * spe, schedule, decay_at)
         (xb, yb), = batches(i)
         xb = train.prep(xb.to(dev), torch.Generator().manual_seed(10_000_019 * seed + i) if augment else None, lo, batch_size)
         loss = loss_fn(xb, yb.to(dev))
         opt.zero_grad(); acc.backward(loss); opt.step(); return acc.reduce(loss.detach(), "mean")
-    try: return fit(step, epochs * spe, Checkpointer(ck_dir, keep=keep), {name: acc.unwrap_model(model)}, {"opt": opt}, every=every,
-                    desc=name, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
+    try: r = fit(step, epochs * spe, Checkpointer(ck_dir, keep=keep), {name: acc.unwrap_model(model)}, {"opt": opt}, every=every,
+                 desc=name, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
     finally: batches.close()
+    return r | {"lr": [lr_at(lr, 0, epochs * spe, schedule, decay_at), opt.param_groups[0]["lr"]]}   # the last: as applied
 
 def _evaluate(model:nn.Module, data, bs:int, dev, workers:int=0)->float:
     model.eval(); hits = 0
@@ -296,11 +309,11 @@ def _train_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->dict:
     m, opt = acc.prepare(m, opt); m.train()
     def loss_fn(xb, yb):
         with acc.autocast(): return F.cross_entropy(m(xb), yb)
-    r = _fit_sgd(acc, m, opt, train, loss_fn, "teacher", out/"teacher"/"checkpoints", lr=cfg.teacher_lr,
-                 decay_epochs=cfg.teacher_lr_decay_epochs, batch_size=cfg.teacher_batch_size, epochs=cfg.teacher_epochs,
+    r = _fit_sgd(acc, m, opt, train, loss_fn, "teacher", out/"teacher"/"checkpoints", lr=cfg.teacher_lr, schedule=cfg.lr_schedule,
+                 decay_at=cfg.teacher_lr_decay_at, batch_size=cfg.teacher_batch_size, epochs=cfg.teacher_epochs,
                  seed=cfg.seed + 1, augment=cfg.augment, keep=cfg.keep, every=cfg.teacher_checkpoint_every,
                  crash_env="DISTILL_NB_CRASH_AT_TEACHER_STEP", crash_code=19, workers=_workers(cfg, train))
-    if acc.is_main_process: atomic_write_json(out/"teacher"/"summary.json", {"resumed_from": r["resumed_from"], "final_loss": r["losses"][-1]})
+    if acc.is_main_process: atomic_write_json(out/"teacher"/"summary.json", {"resumed_from": r["resumed_from"], "final_loss": r["losses"][-1], "lr": r["lr"]})
     return {k_: v.detach().cpu().clone().contiguous() for k_, v in acc.unwrap_model(m).state_dict().items()}
 
 def _full_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path, w:Path|None)->StageNet:
@@ -308,8 +321,8 @@ def _full_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path, w:Path|None
     m = resnet_like(cfg.teacher_stages, train.in_ch, k, stem=_stem(cfg))
     if w is not None: return load_resnet_weights(m, w, f"the {cfg.dataset} teacher's weights")
     t_cfg = {f: getattr(cfg, f) for f in ("dataset", "n_synthetic", "synthetic_size", "synthetic_classes", "teacher_stages",
-                                          "teacher_epochs", "teacher_lr", "teacher_lr_decay_epochs", "teacher_batch_size", "momentum",
-                                          "weight_decay", "augment", "seed")} | {"loader": "steploader"}   # v2: batches from the engine
+                                          "teacher_epochs", "teacher_lr", "lr_schedule", "teacher_lr_decay_at", "teacher_batch_size", "momentum",
+                                          "weight_decay", "augment", "seed")} | {"loader": "steploader"}   # v2: batches from the engine; v3: decay at fractions
     sd = cached_tensors("diswot-full-teacher", t_cfg, None, verbose=False)
     if sd is None:
         sd = _train_teacher(cfg, train, k, acc, out)
@@ -354,7 +367,7 @@ def _kd_winner(cfg:DiswotFullConfig, space:SearchSpace, best:str, teacher:nn.Mod
         with torch.no_grad(): tb = teacher(xb)          # the teacher's forward stays outside autocast
         with acc.autocast():
             z = student(xb); return cfg.gamma * F.cross_entropy(z, yb) + cfg.alpha * kd_kl(z, tb, cfg.T)
-    res = _fit_sgd(acc, student, opt, train, kd_loss, "student", out/"checkpoints", lr=cfg.lr, decay_epochs=cfg.lr_decay_epochs,
+    res = _fit_sgd(acc, student, opt, train, kd_loss, "student", out/"checkpoints", lr=cfg.lr, schedule=cfg.lr_schedule, decay_at=cfg.lr_decay_at,
                    batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, augment=cfg.augment, keep=cfg.keep,
                    every=cfg.checkpoint_every, crash_env="DISTILL_NB_CRASH_AT_STEP", crash_code=17, workers=_workers(cfg, train))
     return acc.unwrap_model(student), res
@@ -380,7 +393,7 @@ def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
     acc.wait_for_everyone()
     summary = {"best_arch": best, "best_score": search["fitness"], "search_evaluations": search["n_evals"],
                "search_resumed_from": search["resumed_from"], "benchmark_accuracy": nb201.get(best) if nb201 is not None else None,
-               "benchmark_digests": digests, "final_loss": res["losses"][-1], "resumed_from": res["resumed_from"],
+               "benchmark_digests": digests, "final_loss": res["losses"][-1], "lr": res["lr"], "resumed_from": res["resumed_from"],
                "world_size": acc.num_processes}
     if acc.is_main_process:
         ev = lambda m: _evaluate(m, test, cfg.eval_batch, acc.device, _workers(cfg, test))
