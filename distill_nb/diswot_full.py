@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import Config, ConfigError, Checkpointer, cached_tensors, fit, save_tensors, atomic_write_json, count_params
+from .core import (Config, ConfigError, Checkpointer, cached_tensors, fit, save_tensors, atomic_write_json, count_params,
+                             nonneg)
 from .kd import kd_kl
 from .launch import launcher, make_accelerator
 from .diswot import (StageNet, SearchSpace, NB201Space, resnet_like, s1_space, imagenet_space, load_resnet_weights, _require_weights,
@@ -34,7 +35,7 @@ class DiswotData(Config):
     synthetic_classes: int = 10
     image_size: int = 224                    # imagenet: crop side
     resize: int = 256                        # imagenet: short side (then a square centre crop) before the crop
-    workers: int = 8                         # imagenet: DataLoader worker processes per process (decoding); in-memory sets load in-process
+    num_workers: int = nonneg(2)             # DataLoader workers per process (ImageNet: decoding); 0 loads in the training process
     eval_batch: int = 500
 
 # %% ../nbs/41_diswot_full.ipynb #44d882d1
@@ -67,6 +68,7 @@ class DiswotSearch(DiswotData):
 @dataclasses.dataclass
 class DiswotFullConfig(DiswotSearch):
     "Full-scale DisWOT: teacher, training-free R-EA search, then KD of the winner (data and search fields above)."
+    resume_safe = ("num_workers", "eval_batch", "checkpoint_every", "teacher_checkpoint_every", "keep")   # --allow-change
     teacher_stages: list[list[int]] = dataclasses.field(default_factory=lambda: [[18, 16, 3], [18, 32, 3], [18, 64, 3]])
     teacher_weights: str = ""                # a ResNet state dict to load instead of training ('' = train in-repo; imagenet: required)
     teacher_epochs: int = 240
@@ -175,10 +177,6 @@ def full_data(cfg:DiswotFullConfig)->tuple:
     mu, sd = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
     f = lambda a: (a.float() / 255. - mu) / sd
     return TensorData(f(x), y), TensorData(f(xt), yt), 100
-
-def _workers(cfg:DiswotFullConfig, data)->int:
-    "Loader workers: `cfg.workers` for image folders (decoding), none for in-memory tensors (nothing to decode)."
-    return cfg.workers if isinstance(data, FolderData) else 0
 
 # %% ../nbs/41_diswot_full.ipynb #3ac9820e
 _NB201_SET = {"cifar100": "x-test", "ImageNet16-120": "x-test", "cifar10": "ori-test", "cifar10-valid": "x-valid"}
@@ -312,7 +310,7 @@ def _train_teacher(cfg:DiswotFullConfig, train, k:int, acc, out:Path)->dict:
     r = _fit_sgd(acc, m, opt, train, loss_fn, "teacher", out/"teacher"/"checkpoints", lr=cfg.teacher_lr, schedule=cfg.lr_schedule,
                  decay_at=cfg.teacher_lr_decay_at, batch_size=cfg.teacher_batch_size, epochs=cfg.teacher_epochs,
                  seed=cfg.seed + 1, augment=cfg.augment, keep=cfg.keep, every=cfg.teacher_checkpoint_every,
-                 crash_env="DISTILL_NB_CRASH_AT_TEACHER_STEP", crash_code=19, workers=_workers(cfg, train))
+                 crash_env="DISTILL_NB_CRASH_AT_TEACHER_STEP", crash_code=19, workers=cfg.num_workers)
     if acc.is_main_process: atomic_write_json(out/"teacher"/"summary.json", {"resumed_from": r["resumed_from"], "final_loss": r["losses"][-1], "lr": r["lr"]})
     return {k_: v.detach().cpu().clone().contiguous() for k_, v in acc.unwrap_model(m).state_dict().items()}
 
@@ -369,7 +367,7 @@ def _kd_winner(cfg:DiswotFullConfig, space:SearchSpace, best:str, teacher:nn.Mod
             z = student(xb); return cfg.gamma * F.cross_entropy(z, yb) + cfg.alpha * kd_kl(z, tb, cfg.T)
     res = _fit_sgd(acc, student, opt, train, kd_loss, "student", out/"checkpoints", lr=cfg.lr, schedule=cfg.lr_schedule, decay_at=cfg.lr_decay_at,
                    batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, augment=cfg.augment, keep=cfg.keep,
-                   every=cfg.checkpoint_every, crash_env="DISTILL_NB_CRASH_AT_STEP", crash_code=17, workers=_workers(cfg, train))
+                   every=cfg.checkpoint_every, crash_env="DISTILL_NB_CRASH_AT_STEP", crash_code=17, workers=cfg.num_workers)
     return acc.unwrap_model(student), res
 
 # %% ../nbs/41_diswot_full.ipynb #b3327d25
@@ -396,7 +394,7 @@ def diswot_full(cfg:DiswotFullConfig, out:Path)->dict:
                "benchmark_digests": digests, "final_loss": res["losses"][-1], "lr": res["lr"], "resumed_from": res["resumed_from"],
                "world_size": acc.num_processes}
     if acc.is_main_process:
-        ev = lambda m: _evaluate(m, test, cfg.eval_batch, acc.device, _workers(cfg, test))
+        ev = lambda m: _evaluate(m, test, cfg.eval_batch, acc.device, cfg.num_workers)
         summary["test_acc"], summary["teacher_test_acc"] = ev(student), ev(teacher)
         save_tensors(out/"student.safetensors", {k_: v.detach().cpu().contiguous() for k_, v in student.state_dict().items()})
         atomic_write_json(out/"summary.json", summary)
