@@ -370,7 +370,8 @@ def _largest(space)->str:
 @planner("diswot")
 def diswot_phases(cfg)->list[Phase]:
     "The teacher (trained in-repo unless weights are given; SGD), then KD of the search's winner (SGD) against the frozen teacher."
-    from distill_nb.diswot import resnet_like, _full_space, _stem
+    from distill_nb.diswot import resnet_like
+    from distill_nb.diswot_full import _full_space, _stem
     in_ch, side, k = {"cifar100": (3, 32, 100), "imagenet": (3, cfg.image_size, 1000), "fashion": (1, 28, 10)}.get(
         cfg.dataset, (3, cfg.synthetic_size, cfg.synthetic_classes))
     space = _full_space(cfg, in_ch, k); arch = _largest(space)
@@ -391,7 +392,7 @@ def diswot_phases(cfg)->list[Phase]:
     out.append(Phase("KD of the winner", lambda: {"teacher": _frozen(teacher()), "student": space.build(arch)}, "sgd-momentum",
                      cfg.batch_size, acts=[Act(s_step, batches=(2, 4))], note=f"student: the space's largest member {arch} (upper bound); teacher {note or 'in-repo'}"))
     if cfg.plan_speed:   # D4 at full scale: one score vs KD training per candidate, timed on this CPU and extrapolated
-        from distill_nb.diswot import full_speedup
+        from distill_nb.diswot_full import full_speedup
         out[-1].note += "; " + full_speedup(cfg)["line"]
     return out
 

@@ -121,10 +121,10 @@ def test_diswot_quick_teacher(monkeypatch, tmp_path):
     check_seeded(monkeypatch, tmp_path, lambda: quick_teacher(QuickTeacherConfig(epochs=1, n_train=256)))
 
 def test_diswot_full_teacher(monkeypatch, tmp_path):
-    from distill_nb.diswot import DiswotFullConfig, full_data, _full_teacher
+    from distill_nb.diswot_full import DiswotFullConfig, full_data, _full_teacher
     from distill_nb.launch import make_accelerator
     cfg = DiswotFullConfig(dataset="synthetic", n_synthetic=64, synthetic_size=8, synthetic_classes=4,
-                           teacher_stages=[[1, 4, 3], [1, 8, 3]], teacher_epochs=1, teacher_batch_size=32, teacher_lr_decay_epochs=[1],
+                           teacher_stages=[[1, 4, 3], [1, 8, 3]], teacher_epochs=1, teacher_batch_size=32, teacher_lr_decay_at=[0.5],
                            teacher_checkpoint_every=1000, mixed_precision="no")
     train, _, k = full_data(cfg); acc = make_accelerator("no"); n = iter(range(2))
     check_seeded(monkeypatch, tmp_path, lambda: _full_teacher(cfg, train, k, acc, tmp_path/f"run{next(n)}", None))
