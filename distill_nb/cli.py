@@ -226,7 +226,7 @@ their metrics, table, checks and summary agree byte for byte is the record writt
         k, eq, v = s.partition("=")
         if not eq or not k: raise UsageError(f"--set expects KEY=VALUE (an argument of the experiment), got {s!r}")
         over[k] = yaml.safe_load(v)
-    try: r = restamp(paper, name, a.seeds, a.pilot_seeds, overrides=over, scale=a.scale, to_scale=a.to_scale, root=a.results)
+    try: r = restamp(paper, name, a.seeds, a.pilot_seeds, overrides=over, ignore=tuple(a.ignore or ()), scale=a.scale, to_scale=a.to_scale, root=a.results)
     except (ValueError, KeyError) as ex: raise UsageError(str(ex).strip('"')) from None   # bad seeds or tier, or old and new code disagree
     e = r.restamped[-1]
     print(f"{paper}:{name}: re-stamped at --scale {r.scale} (code {e['from_code_hash']} → {r.code_hash}); identical on seeds "
@@ -281,6 +281,7 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     rs.add_argument("--pilot-seeds", type=int, nargs="+", default=None, help="pilot seeds to run too (experiments that take them)")
     rs.add_argument("--scale", choices=["quick", "extended"], default="quick", help="the record's tier now")
     rs.add_argument("--to-scale", choices=["quick", "extended"], default=None, help="the tier it moves to (default: stays)")
+    rs.add_argument("--ignore", action="append", metavar="KEY", help="a metrics key left out of the comparison (a wall-clock time; repeatable)")
     rs.add_argument("--set", action="append", metavar="KEY=VALUE", help="a smaller budget for the comparison: an argument of the experiment (repeatable)")
     rs.add_argument("--results", type=Path, default=None); rs.add_argument("-j", "--jobs", type=int, default=None); rs.set_defaults(fn=cmd_restamp)
     m = sub.add_parser("readme", help="render README.md from nbs/index.ipynb (source checkout)", description=cmd_readme.__doc__)

@@ -778,11 +778,12 @@ def _d1_figure(van:dict, kd:dict, tau:float):
     ax.set_title(f"{len(archs)} students: Kendall τ = {tau:.3f}"); plt.close(fig); return fig
 
 # %% ../nbs/40_diswot.ipynb #b0afad1a
-@experiment("diswot", "d1_vanilla_vs_kd", "vanilla vs KD rankings of D2's students (Kendall tau, argmaxes; report only)", min_seeds=2)
-def d1_vanilla_vs_kd(scale:str="quick", seeds:list[int]|None=None, archs:list[str]|None=None, epochs:int|None=None,
+@experiment("diswot", "d1_vanilla_vs_kd", "vanilla vs KD rankings of D2's students (Kendall tau, argmaxes; report only)", min_seeds=2,
+            tiers=("extended",))   # its cold run trains D2's 3 x 2 seeds x 12 students again: about 55 minutes of 2 cores, beyond the quick tier's share
+def d1_vanilla_vs_kd(scale:str="extended", seeds:list[int]|None=None, archs:list[str]|None=None, epochs:int|None=None,
                      n_train:int|None=None, n_test:int|None=None)->Record:
     "Rank D2's students by vanilla and by KD accuracy (the same cached runs as D2); report tau and the two argmaxes."
-    pro = protocol("diswot", "d1_vanilla_vs_kd"); d2 = protocol("diswot", "d2_score_vs_kd")
+    pro = protocol("diswot", "d1_vanilla_vs_kd", scale=scale); d2 = protocol("diswot", "d2_score_vs_kd", scale=scale)
     seeds, archs = list(seeds or d2["seeds"]), list(archs or d2_candidates(d2["candidates"], spacing=d2.get("spacing", "rank")))
     epochs, n_train, n_test = epochs or d2["epochs"], n_train or d2["n_train"], n_test or d2["n_test"]
     gt = d2_ground_truth(archs, seeds, ("kd", "vanilla"), epochs, n_train, n_test, d2.get("batch_size", 128),
@@ -901,11 +902,12 @@ def term_contributions(scores:dict)->dict:
             "relation_var_share": float(np.var(rel) / v) if v > 0 else float("nan")}
 
 # %% ../nbs/40_diswot.ipynb #aa13911c
-@experiment("diswot", "d2_score_vs_kd", "DisWOT score at init vs KD accuracy over students of varying depth and width, every proxy's rho", min_seeds=2)
-def d2_score_vs_kd(scale:str="quick", seeds:list[int]|None=None, archs:list[str]|None=None, epochs:int|None=None,
+@experiment("diswot", "d2_score_vs_kd", "DisWOT score at init vs KD accuracy over students of varying depth and width, every proxy's rho", min_seeds=2,
+            tiers=("extended",))   # about 55 minutes of 2 cores cold, beyond the quick tier's share
+def d2_score_vs_kd(scale:str="extended", seeds:list[int]|None=None, archs:list[str]|None=None, epochs:int|None=None,
                    n_train:int|None=None, n_test:int|None=None, batch:int=64)->Record:
     "Score every candidate at init with every proxy; rank-correlate with its KD accuracy (mean of seeds), as pre-registered."
-    pro = protocol("diswot", "d2_score_vs_kd"); sp = d2_space()
+    pro = protocol("diswot", "d2_score_vs_kd", scale=scale); sp = d2_space()
     seeds, archs = list(seeds or pro["seeds"]), list(archs or d2_candidates(pro["candidates"], spacing=pro.get("spacing", "rank")))
     epochs, n_train, n_test = epochs or pro["epochs"], n_train or pro["n_train"], n_test or pro["n_test"]
     gt = d2_ground_truth(archs, seeds, ("kd", "vanilla"), epochs, n_train, n_test, pro.get("batch_size", 128),
@@ -982,11 +984,12 @@ def _d3_kd(args)->float:
     return student_result(NB201Space(C=8, N=1), arch, "kd", TrainConfig(epochs=epochs, seed=seed), n_train)["acc"]
 
 # %% ../nbs/40_diswot.ipynb #fdf913ea
-@experiment("diswot", "d3_evolution", "R-EA guided by DisWOT vs random search on NB201-mini over search seeds; KD accuracy of the winners", min_seeds=2)
-def d3_evolution(scale:str="quick", seeds:list[int]|None=None, n_evals:int=300, population:int=20, sample:int=5,
+@experiment("diswot", "d3_evolution", "R-EA guided by DisWOT vs random search on NB201-mini over search seeds; KD accuracy of the winners", min_seeds=2,
+            tiers=("extended",))   # about 32 minutes of 2 cores cold, beyond the quick tier's share
+def d3_evolution(scale:str="extended", seeds:list[int]|None=None, n_evals:int=300, population:int=20, sample:int=5,
                  budget:float=1.0e6, epochs:int=3, n_train:int=8000, kd_seeds:Sequence[int]|None=None)->Record:
     "Per search seed, R-EA and random search (same fitness, budget, evaluations); the winners KD-trained; paired over search seeds."
-    pro = protocol("diswot", "d3_evolution"); seeds, kd_seeds = list(seeds or pro["seeds"]), list(kd_seeds or pro["kd_seeds"])
+    pro = protocol("diswot", "d3_evolution", scale=scale); seeds, kd_seeds = list(seeds or pro["seeds"]), list(kd_seeds or pro["kd_seeds"])
     runs = run_parallel(_d3_search, [(s, n_evals, population, sample, budget, n_train) for s in seeds], desc="D3 search seed")
     items = sorted({(r[k]["best"], ks, epochs, n_train) for r in runs for k in ("rea", "random") for ks in kd_seeds})
     acc = dict(zip(items, run_parallel(_d3_kd, items, desc="D3 winner KD")))
@@ -1062,11 +1065,12 @@ def _d5_run(args)->float:
     return accuracy(m, xt, yt)
 
 # %% ../nbs/40_diswot.ipynb #b2d1d18a
-@experiment("diswot", "d5_distillers", "DisWOT metrics as distillation losses vs plain KD (same student, paired seeds)", min_seeds=2)
-def d5_distillers(scale:str="quick", seeds:list[int]|None=None, arch:str="222", epochs:int=3, n_train:int=8000,
+@experiment("diswot", "d5_distillers", "DisWOT metrics as distillation losses vs plain KD (same student, paired seeds)", min_seeds=2,
+            tiers=("extended",))   # about 23 minutes of 2 cores cold, beyond the quick tier's share
+def d5_distillers(scale:str="extended", seeds:list[int]|None=None, arch:str="222", epochs:int=3, n_train:int=8000,
                   beta_rel:float=3000., beta_sem:float=100.)->Record:
     "KD vs KD + DisWOT relation / semantic / both, paired over seeds, as pre-registered."
-    pro = protocol("diswot", "d5_distillers"); seeds = list(seeds or pro["seeds"]); s1_space().validate(arch)
+    pro = protocol("diswot", "d5_distillers", scale=scale); seeds = list(seeds or pro["seeds"]); s1_space().validate(arch)
     quick_teacher()   # read (or trained) once, before the workers
     items = [(s, a, arch, epochs, n_train, beta_rel, beta_sem) for s in seeds for a in D5_ARMS]
     res = dict(zip(items, run_parallel(_d5_run, items, desc="D5 run")))

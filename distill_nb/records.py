@@ -457,13 +457,19 @@ def _run_in(tree:Path, paper:str, name:str, scale:str, kw:dict, out:Path, jobs_:
 
 RESTAMP_KEYS = ("metrics", "table", "checks", "summary")   # what must agree byte for byte
 
-def _digest(d:dict)->str:
-    import hashlib
-    return hashlib.sha256(json.dumps([d.get(k) for k in RESTAMP_KEYS], sort_keys=True).encode()).hexdigest()[:12]
+def _strip(o, ignore:tuple):
+    "`o` without the dict keys in `ignore`, at any depth (wall-clock times that a record keeps among its metrics)."
+    if isinstance(o, dict): return {k: _strip(v, ignore) for k, v in o.items() if k not in ignore}
+    if isinstance(o, list): return [_strip(v, ignore) for v in o]
+    return o
 
-def _first_difference(a:dict, b:dict)->str|None:
+def _digest(d:dict, ignore:tuple=())->str:
+    import hashlib
+    return hashlib.sha256(json.dumps([_strip(d.get(k), ignore) for k in RESTAMP_KEYS], sort_keys=True).encode()).hexdigest()[:12]
+
+def _first_difference(a:dict, b:dict, ignore:tuple=())->str|None:
     for k in RESTAMP_KEYS:
-        if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True): return k
+        if json.dumps(_strip(a.get(k), ignore), sort_keys=True) != json.dumps(_strip(b.get(k), ignore), sort_keys=True): return k
     return None
 
 # %% ../nbs/05_records.ipynb #53045382
@@ -471,6 +477,7 @@ def restamp(paper:str, name:str,
             seeds:list[int],             # a few of the record's own seeds, run in both checkouts
             pilot_seeds:list[int]|None=None,  # for experiments with pilot seeds (None: the experiment takes none here)
             overrides:dict|None=None,    # smaller budgets for the comparison (keyword arguments of the experiment, e.g. epochs)
+            ignore:tuple=(),             # keys left out of the comparison: wall-clock times kept among the metrics (e.g. search_s)
             scale:str="quick",           # the record's tier now
             to_scale:str|None=None,      # the tier it moves to (None: stays)
             root:str|Path|None=None,     # records directory
@@ -497,13 +504,13 @@ def restamp(paper:str, name:str,
             b = _run_in(repo, paper, name, to_scale, kw, tmp/"b", j)
         finally: subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
     if code_hash(paper) != h_new: raise RuntimeError(f"{_module_rel(paper)} changed while restamp ran; run it again")
-    if k := _first_difference(a, b):
+    if k := _first_difference(a, b, tuple(ignore)):
         raise ValueError(f"{paper}:{name}: the old code ({old[:8]}) and this checkout disagree in `{k}` on seeds {seeds}; "
                          f"the refactor changed what the experiment computes: re-run it (`distill_nb reproduce {paper}:{name}`)")
     entry = {"from_code_hash": rec.code_hash, "from_protocol_hash": rec.protocol_hash, "from_scale": scale, "made_by": old[:12],
              "compared_seeds": list(seeds), "compared_pilot_seeds": list(pilot_seeds or []), "compared": list(RESTAMP_KEYS),
-             "compared_overrides": dict(overrides or {}),
-             "compared_sha": _digest(b), "compared_summary": b.get("summary", ""),   # what both sides gave (evidence)
+             "compared_overrides": dict(overrides or {}), "ignored": list(ignore),
+             "compared_sha": _digest(b, tuple(ignore)), "compared_summary": b.get("summary", ""),   # what both sides gave (evidence)
              "check_time_s": round(time.time() - t0, 1), "date": datetime.date.today().isoformat()}
     ok, nk = f"{paper}/{record_key(name, scale)}_", f"{paper}/{record_key(name, to_scale)}_"
     figs = [nk + f.removeprefix(ok) if f.startswith(ok) else f for f in rec.figures]
