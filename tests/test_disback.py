@@ -36,7 +36,7 @@ def test_two_processes_kill_and_resume_same_node(ref_run, tmp_path):
     home = ref_run.parent/"home"                                   # the digits classifier of the in-run FD is cached there
     killed = torchrun(tmp_path/"run", home, DISTILL_NB_CRASH_AT_STEP="7")   # rank 0 dies during node 1
     assert killed.returncode != 0
-    from distill_nb.disback import read_curve
+    from distill_nb.disback_full import read_curve
     assert [r["iteration"] for r in read_curve(tmp_path/"run")] == list(range(8))   # row 7 came after the last checkpoint (6)
     ck = tmp_path/"run"/"checkpoints"
     assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-00000003", "checkpoint-00000005"]  # keep 2
@@ -76,7 +76,7 @@ def one_run(ref_run, tmp_path_factory):
 
 def test_two_processes_match_one_process_accumulating(ref_run, one_run):
     "Global batch 8: 2 processes × 4 and 1 process × 2 micro-batches of 4 give the same curve and generator (to rounding)."
-    from distill_nb.disback import read_curve
+    from distill_nb.disback_full import read_curve
     s2, s1 = (json.loads((r/"summary.json").read_text()) for r in (ref_run, one_run))
     assert (s2["world_size"], s2["per_device_batch"], s1["world_size"], s1["per_device_batch"], s1["gradient_accumulation_steps"]) == (2, 4, 1, 4, 2)
     assert s2["curve"] == "curve.csv" and s2["path_steps"] == 2 * 3          # n_nodes × path_every degradation steps
@@ -102,7 +102,7 @@ def base_bf16(ref_run, tmp_path_factory):
 
 def test_bf16_baseline(base_bf16):
     "bf16 on CPU: losses finite, fp32 weights that moved away from the teacher, a curve all at the teacher phase."
-    from distill_nb.disback import read_curve, tiny_unet
+    from distill_nb.disback_full import read_curve, tiny_unet
     s = json.loads((base_bf16/"summary.json").read_text())
     assert (s["mixed_precision"], s["world_size"], s["mode"], s["path_nodes"], s["path_steps"]) == ("bf16", 1, "baseline", None, 0)
     assert math.isfinite(s["final_dm"]) and set(s["targets"]) == {0}
@@ -170,7 +170,8 @@ def test_trained_generator_reloads_bitwise_through_lcm_pipeline(tmp_path):
     "The generator as trained (in memory) and as reloaded by a fresh process give bitwise-identical one-step samples."
     from diffusers import DiffusionPipeline, LCMScheduler
     from distill_nb.diffusion import OneStepPipeline, matching_scheduler
-    from distill_nb.disback import tiny_unet, frozen_copy, record_degradation, ScoreDistiller, distill, save_run, load_pipeline
+    from distill_nb.disback import frozen_copy, record_degradation, ScoreDistiller, distill, save_run, load_pipeline
+    from distill_nb.disback_full import tiny_unet
     torch.manual_seed(0)
     teacher = frozen_copy(tiny_unet(8))
     path = record_degradation(teacher, teacher, n_nodes=1, every=2, lr=1e-3, batch_size=4)
