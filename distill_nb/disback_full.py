@@ -3,28 +3,35 @@
 # %% ../nbs/21_disback_full.ipynb #a55b0826
 """The DisBack launcher under accelerate: stage 1 (degradation path), stage 2 (backtracking or the baseline), the in-run convergence curve and its plot"""
 from __future__ import annotations
-import dataclasses, json, math, os
+import contextlib, dataclasses, json, math, os
 from pathlib import Path
 from typing import Literal
 
 # %% auto #0
-__all__ = ['CURVE_FILE', 'CURVE_COLUMNS', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'check_eval_config', 'curve_eval',
-           'write_curve', 'read_curve', 'disback_full', 'plot_curves']
+__all__ = ['CURVE_FILE', 'CURVE_COLUMNS', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'Captions', 'TextCondEps',
+           'attach_captions', 'sd_captions', 'check_sd_config', 'sd_teacher', 't_ranges', 'save_sd_generator',
+           'sd_one_step_pipeline', 'check_eval_config', 'curve_eval', 'write_curve', 'read_curve', 'disback_full',
+           'plot_curves']
 
 # %% ../nbs/21_disback_full.ipynb #fd63c6aa
 import torch
 import torch.nn as nn
 from torch import Tensor
+from diffusers import ModelMixin, ConfigMixin, UNet2DConditionModel, DDPMScheduler
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_2d import UNet2DOutput
 from .core import Config, ConfigError, Checkpointer, atomic_write_json, seed_everything
 from .diffusion import alphas_cumprod, digits_images
-from .launch import launcher, make_accelerator, split_batch
+from .data import laion_subset
+from .launch import launcher, make_accelerator, split_batch, freeze
 from .disback import (sample_shape, frozen_copy, _model_class, DegradationPath, record_degradation, ScoreDistiller,
                                 distill, digits_classifier, sample_teacher, _plt, save_run)
+from .hyper_sd_full import load_sd, encode_prompts, check_base_model, sd_pipeline, dmd_t_range, _synthetic_pairs
 
 # %% ../nbs/21_disback_full.ipynb #ea12aabc
 @dataclasses.dataclass
 class DisBackFullConfig(Config):
-    teacher: str = ""                  # a UNet2DModel directory (or pipeline dir with unet/), or 'tiny-random' (smoke tests)
+    teacher: str = ""                  # a UNet2DModel directory (or pipeline dir with unet/), 'tiny-random' (smoke tests), or 'sd' (base_model)
     mode: Literal["disback", "baseline", "fake_init"] = "disback"
     n_nodes: int = 10                  # N: path checkpoints after the teacher
     path_every: int = 100              # degradation steps between checkpoints
@@ -55,6 +62,11 @@ class DisBackFullConfig(Config):
     eval_reference: str = "teacher"    # 'teacher' (its DDIM samples), 'digits' (the real digits) or a .safetensors file with `images`
     eval_n: int = 512                  # one-step samples per evaluation (fixed noise, drawn from the seed)
     eval_teacher_steps: int = 25       # DDIM steps of the 'teacher' reference
+    base_model: str = ""               # teacher: sd — a diffusers SD1.5/SDXL pipeline folder, or 'tiny' (smoke tests)
+    arch: Literal["sd15", "sdxl"] = "sd15"  # teacher: sd
+    data_root: str = ""                # teacher: sd — the captions: 'synthetic', a .txt file (one a line) or a folder holding laion/
+    resolution: int = 512              # teacher: sd — image size (latents: resolution / the VAE's downsampling factor)
+
 
 # %% ../nbs/21_disback_full.ipynb #3461f3f9
 def tiny_unet(sample_size:int=8, seed:int=0):
@@ -90,6 +102,149 @@ def load_teacher(spec:str, sample_size:int=8)->nn.Module:
                               f"DisBack here assumes that schedule")
     return frozen_copy(UNet2DModel.from_pretrained(mdir, use_safetensors=True))
 
+# %% ../nbs/21_disback_full.ipynb #34903e07
+class Captions:
+    "The captions of an SD teacher's batches and their encodings, shared by every copy of a `TextCondEps` (deep copies return it)."
+    def __init__(self, captions:list[str], parts:dict, arch:str, resolution:int, device="cpu"):
+        if not captions: raise ConfigError("no captions to condition the teacher on: give data_root a caption source")
+        self.captions, self.parts, self.arch, self.resolution, self.device = list(captions), parts, arch, resolution, device
+        self.rows, self.cond, self._pin = None, None, None
+    def __deepcopy__(self, memo): return self
+
+    def rows_of(self, z:Tensor)->Tensor:
+        "Each sample's caption index: the signs of its first 31 noise values as a binary number, modulo the number of captions."
+        bits = (z.reshape(len(z), -1)[:, :31] > 0).long().cpu()
+        return (bits << torch.arange(bits.shape[1])).sum(1) % len(self.captions)
+
+    def encode(self, rows:Tensor)->dict:
+        "The UNet conditioning of the captions `rows` (float32; SDXL's added_cond_kwargs too)."
+        c = encode_prompts(self.parts, [self.captions[i] for i in rows.tolist()], self.arch, self.resolution, self.device)
+        f = lambda v: v.float() if v.is_floating_point() else v
+        return {k: ({a: f(b) for a, b in v.items()} if isinstance(v, dict) else f(v)) for k, v in c.items()}
+
+    def _use(self, rows:Tensor, n:int)->dict:
+        if len(rows) != n: raise RuntimeError(f"{len(rows)} pinned captions for a batch of {n}")
+        if self.rows is None or not torch.equal(rows, self.rows): self.rows, self.cond = rows, self.encode(rows)
+        return self.cond
+
+    def draw(self, z:Tensor)->dict:
+        "A batch starts (the generator's call on its noise `z`): its captions' conditioning, kept for the calls that follow."
+        return self._use(self.rows_of(z) if self._pin is None else self._pin, len(z))
+
+    def current(self, n:int)->dict:
+        "The conditioning of the batch in progress (the scores' calls on its noised samples)."
+        if self._pin is not None: return self._use(self._pin, n)
+        if self.rows is None or len(self.rows) != n:
+            raise RuntimeError(f"no captions set for a batch of {n}: a call with one timestep for the batch (the one-step generator) must come first")
+        return self.cond
+
+    @contextlib.contextmanager
+    def pinned(self, rows:Tensor):
+        "Every call inside uses the captions `rows` (samplers, evaluation); the batch in progress is restored after."
+        saved, self._pin = (self.rows, self.cond), torch.as_tensor(rows).long().cpu()
+        try: yield self
+        finally: self._pin, (self.rows, self.cond) = None, saved
+
+# %% ../nbs/21_disback_full.ipynb #cf694931
+class TextCondEps(ModelMixin, ConfigMixin):
+    "An SD-family `UNet2DConditionModel` as an ε-network `model(x, t)` on latents: t mapped by ᾱ to the UNet's schedule, captions from `Captions`."
+    _supports_gradient_checkpointing = True
+    ignore_for_config = ["unet"]
+    @register_to_config
+    def __init__(self, unet_config:dict, scheduler_config:dict, sample_size:int=64, in_channels:int=4, arch:str="sd15", unet=None):
+        super().__init__()
+        self.unet = unet if unet is not None else UNet2DConditionModel.from_config(unet_config)
+        self._prompts = None
+        self.register_buffer("t_map", (self.model_alphas[None, :] - alphas_cumprod()[:, None]).abs().argmin(1), persistent=False)
+
+    @classmethod
+    def wrap(cls, unet:UNet2DConditionModel, scheduler, sample_size:int, arch:str)->"TextCondEps":
+        "Wrap a loaded UNet (not copied) with its scheduler's noise schedule; `sample_size` is the latent size."
+        uc = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        sc = {k: scheduler.config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas") if k in scheduler.config}
+        return cls(uc, sc, sample_size, unet.config.in_channels, arch, unet=unet)
+
+    @property
+    def model_alphas(self)->Tensor: return DDPMScheduler.from_config(self.config.scheduler_config).alphas_cumprod.float()
+    def enable_gradient_checkpointing(self, *a, **k): self.unet.enable_gradient_checkpointing()
+
+    def forward(self, sample:Tensor, timestep, class_labels:Tensor|None=None, return_dict:bool=True):
+        "ε̂ of the UNet at the mapped timestep; captions: `class_labels` (indices) if given, else set (one timestep) or reused (per-sample)."
+        p = self._prompts
+        if p is None: raise RuntimeError("this TextCondEps has no captions attached: attach_captions(model, Captions(...))")
+        t = torch.as_tensor(timestep, device=sample.device).long()
+        if class_labels is not None: c = p.encode(class_labels.reshape(-1))
+        elif t.ndim == 0: c = p.draw(sample)
+        else: c = p.current(len(sample))
+        out = self.unet(sample, self.t_map.to(sample.device)[t.expand(len(sample))], **c).sample
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+def attach_captions(model:nn.Module, captions:Captions|None)->nn.Module:
+    "Give `model` (a `TextCondEps`, e.g. read from disk) the run's captions; its copies share them."
+    if isinstance(model, TextCondEps): object.__setattr__(model, "_prompts", captions)
+    return model
+
+# %% ../nbs/21_disback_full.ipynb #f46f4dba
+def sd_captions(cfg:DisBackFullConfig)->list[str]:
+    "The captions of `teacher: sd` from `data_root`: 'synthetic', a .txt file (one caption a line) or a folder holding laion/."
+    if not cfg.data_root:
+        raise ConfigError("teacher: sd needs data_root: set it to 'synthetic' (smoke tests), a .txt file with one caption a line, "
+                          "or a folder holding laion/ (see distill_nb.data.laion_subset)")
+    if cfg.data_root == "synthetic": return _synthetic_pairs(16, 8, cfg.seed)[1]
+    p = Path(cfg.data_root).expanduser()
+    if p.suffix == ".txt":
+        if not p.is_file(): raise ConfigError(f"data_root {p}: no such caption file; point data_root to a .txt file with one caption a line")
+        caps = [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+    else: caps = laion_subset(p).captions
+    if not caps: raise ConfigError(f"data_root {p}: no captions in it; give it at least one caption")
+    return caps
+
+def check_sd_config(cfg:DisBackFullConfig)->list[str]|None:
+    "For `teacher: sd`, check the base model's files and read the captions (before any compute); None for other teachers."
+    if cfg.teacher != "sd": return None
+    if cfg.base_model != "tiny": check_base_model(cfg.base_model, cfg.arch)
+    return sd_captions(cfg)
+
+# %% ../nbs/21_disback_full.ipynb #153a473f
+def sd_teacher(cfg:DisBackFullConfig, acc, captions:list[str])->TextCondEps:
+    "The SD-family teacher: `load_sd`'s UNet as a frozen `TextCondEps` (float32), its text encoder(s) frozen on `acc.device`."
+    parts = load_sd(cfg)
+    vae = parts.pop("vae"); f = 2 ** (len(vae.config.block_out_channels) - 1); del vae
+    if cfg.resolution % f: raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VAE's factor {f}; set resolution to a multiple of {f}")
+    pt = parts["scheduler"].config.get("prediction_type", "epsilon")
+    if pt != "epsilon": raise ConfigError(f"base_model {cfg.base_model}: its scheduler predicts {pt!r}; this launcher needs an ε-prediction model (SD1.5, SDXL)")
+    for k in ("text_encoder", "text_encoder_2"):
+        if k in parts: parts[k] = freeze(parts[k], acc)
+    m = TextCondEps.wrap(parts.pop("unet"), parts["scheduler"], cfg.resolution // f, cfg.arch)
+    attach_captions(m, Captions(captions, parts, cfg.arch, cfg.resolution, acc.device))
+    return m.eval().requires_grad_(False)
+
+def t_ranges(teacher:nn.Module, cfg:DisBackFullConfig)->tuple[tuple, tuple]:
+    "(stage 1, stage 2) timestep ranges: the project's for a UNet2DModel teacher; for an SD teacher, those the base schedule covers."
+    if not isinstance(teacher, TextCondEps): return (0, 1000), (cfg.t_min, cfg.t_max)
+    ac = teacher.model_alphas; rec, dist = dmd_t_range(ac, (0, 1000)), dmd_t_range(ac, (cfg.t_min, cfg.t_max))
+    if not rec[0] <= cfg.t_star < rec[1]:
+        raise ConfigError(f"t_star {cfg.t_star}: its ᾱ is outside the base model's schedule (timesteps {rec[0]}..{rec[1] - 1} are inside); set t_star in that range")
+    return rec, dist
+
+# %% ../nbs/21_disback_full.ipynb #e452c859
+def save_sd_generator(sd:ScoreDistiller, root:str|Path)->Path:
+    "Write the generator's UNet (`unet/`, diffusers format) and `one_step.json` (its one timestep) under `root`."
+    root = Path(root); g = sd._gen_core
+    g.unet.save_pretrained(root/"unet")
+    atomic_write_json(root/"one_step.json", {"arch": g.config.arch, "t_star": sd.t_star, "unet_timestep": int(g.t_map[sd.t_star]),
+                                             "latent_size": g.config.sample_size})
+    return root
+
+def sd_one_step_pipeline(parts:dict, root:str|Path):
+    "(pipeline, timesteps): the base pipeline `parts` (`load_sd`/`tiny_sd`) with the run's generator UNet and an LCM scheduler on its timestep."
+    from diffusers import LCMScheduler
+    root = Path(root); info = json.loads((root/"one_step.json").read_text())
+    unet = UNet2DConditionModel.from_pretrained(root/"unet")
+    pipe = sd_pipeline({**parts, "unet": unet, "scheduler": LCMScheduler.from_config(parts["scheduler"].config)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, [info["unet_timestep"]]
+
 # %% ../nbs/21_disback_full.ipynb #6c42c1b9
 CURVE_FILE = "curve.csv"
 CURVE_COLUMNS = ("iteration", "phase", "target", "metric", "value", "path_steps")
@@ -106,6 +261,9 @@ def check_eval_config(cfg:DisBackFullConfig):
     if cfg.eval_features != "digits-classifier" and not ((d/"config.json").is_file() and list(d.glob("*.safetensors"))):
         raise ConfigError(f"eval_features {cfg.eval_features}: no feature network there (expected config.json and a .safetensors "
                           f"file written by save_pretrained); point eval_features to that folder or set it to 'digits-classifier'")
+    if cfg.teacher == "sd" and (cfg.eval_features == "digits-classifier" or cfg.eval_reference == "digits"):
+        raise ConfigError("teacher: sd makes latents: set eval_features to a feature network for them (a save_pretrained folder) "
+                          "and eval_reference to teacher or a .safetensors file of latents")
     r = Path(cfg.eval_reference).expanduser()
     if cfg.eval_reference not in ("teacher", "digits") and not (r.is_file() and r.suffix == ".safetensors"):
         raise ConfigError(f"eval_reference {cfg.eval_reference}: not 'teacher', 'digits' or an existing .safetensors file with "
@@ -128,6 +286,11 @@ def _features(net:nn.Module, x:Tensor, bs:int=256)->Tensor:
 
 
 # %% ../nbs/21_disback_full.ipynb #847667fd
+def _teacher_reference(teacher:nn.Module, z:Tensor, steps:int)->Tensor:
+    "The teacher's DDIM samples from `z`: clipped to the data range for a pixel model; latents (unclipped) for an SD teacher, captions from `z`."
+    if not isinstance(teacher, TextCondEps): return sample_teacher(teacher, z, steps)
+    with teacher._prompts.pinned(teacher._prompts.rows_of(z)): return sample_teacher(teacher, z, steps, clip=None)
+
 def curve_eval(cfg:DisBackFullConfig, teacher:nn.Module)->tuple[str, callable]:
     "The launcher's in-run evaluation: (metric name, eval_fn(sd) -> {name: FD of one-step samples to the reference})."
     from distill_nb.diffusion import frechet_distance
@@ -140,7 +303,7 @@ def curve_eval(cfg:DisBackFullConfig, teacher:nn.Module)->tuple[str, callable]:
     z = torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + cfg.seed))
     if cfg.eval_reference == "teacher":
         zr = torch.randn(shape, generator=torch.Generator().manual_seed(20_000 + cfg.seed))
-        ref = sample_teacher(teacher, zr.to(dev), cfg.eval_teacher_steps).cpu()
+        ref = _teacher_reference(teacher, zr.to(dev), cfg.eval_teacher_steps).cpu()
     elif cfg.eval_reference == "digits": ref = digits_images()[0]
     else:
         from safetensors.torch import load_file
@@ -178,18 +341,21 @@ def read_curve(path:str|Path)->list[dict]:
 def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
     "Stage 1 (degradation path, main process) then stage 2 (backtracking or baseline) under accelerate, resumable."
     check_eval_config(cfg)                                # a bad evaluation setting fails before any process group,
+    captions = check_sd_config(cfg)                       # and so do a missing SD base model or caption source,
     micro = split_batch(cfg.batch_size, cfg.gradient_accumulation_steps)   # and so does an uneven batch split
     acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps); out = Path(out)
     seed_everything(cfg.seed)
-    teacher = load_teacher(cfg.teacher, cfg.tiny_sample_size).to(acc.device)
+    teacher = (sd_teacher(cfg, acc, captions) if captions is not None else load_teacher(cfg.teacher, cfg.tiny_sample_size)).to(acc.device)
+    rec_range, t_range = t_ranges(teacher, cfg)
     path = None
     if cfg.mode != "baseline":
         with acc.main_process_first():                   # the main process records; the others then read the saved path
-            if (out/"path"/"path.json").exists(): path = DegradationPath.load(out/"path", type(teacher))
+            if (out/"path"/"path.json").exists():
+                path = DegradationPath.load(out/"path", type(teacher)); attach_captions(path.template, getattr(teacher, "_prompts", None))
             else: path = record_degradation(teacher, teacher, cfg.n_nodes, cfg.path_every, cfg.path_lr, cfg.path_batch_size,
-                                            cfg.t_star, cfg.seed, out_dir=out/"path", autocast=acc.autocast)
+                                            cfg.t_star, cfg.seed, rec_range, out_dir=out/"path", autocast=acc.autocast)
     sd = ScoreDistiller(teacher, path, cfg.mode, cfg.switch, cfg.K, cfg.patience, 0.01, cfg.max_per_node, cfg.lr_g, cfg.lr_f,
-                        cfg.ratio, cfg.batch_size, cfg.t_star, (cfg.t_min, cfg.t_max), cfg.seed, max_grad_norm=cfg.max_grad_norm)
+                        cfg.ratio, cfg.batch_size, cfg.t_star, t_range, cfg.seed, max_grad_norm=cfg.max_grad_norm)
     if cfg.gradient_checkpointing:
         for m in (sd.gen, sd.fake):
             if getattr(m, "_supports_gradient_checkpointing", False): m.enable_gradient_checkpointing()
@@ -209,9 +375,12 @@ def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
     summary = {"resumed_from": h["resumed_from"], "world_size": acc.num_processes, "final_dm": h["dm"][-1], "targets": h["target"],
                "final_index": sd.index, "path_nodes": None if path is None else len(path), "mode": cfg.mode,
                "curve": CURVE_FILE if cfg.eval_every else None, "path_steps": path_steps, "per_device_batch": micro,
-               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": str(acc.mixed_precision)}
+               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": str(acc.mixed_precision),
+               "teacher": "sd" if captions is not None else "unet2d", "t_range": list(t_range)}
     if acc.is_main_process:
-        save_run(sd, out/"final"); atomic_write_json(out/"summary.json", summary)
+        save_run(sd, out/"final")
+        if captions is not None: save_sd_generator(sd, out/"final")
+        atomic_write_json(out/"summary.json", summary)
     return summary
 
 # %% ../nbs/21_disback_full.ipynb #b3b4f726
