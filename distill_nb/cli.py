@@ -147,7 +147,7 @@ def _plot_curves(a)->int:
     "`results --curves RUN_A RUN_B --out fig.png`: full-scale runs' curve.csv (written with eval_every > 0), side by side."
     missing = [str(r) for r in a.curves if not (Path(r)/"curve.csv").is_file()]
     if missing: raise UsageError(f"no curve.csv in {', '.join(missing)}; give run folders of a launcher run with eval_every > 0")
-    from distill_nb.disback import plot_curves
+    from distill_nb.disback_full import plot_curves
     plot_curves(a.curves, a.out); print(f"wrote {a.out}"); return 0
 
 def cmd_bench(a)->int:

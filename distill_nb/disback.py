@@ -3,24 +3,22 @@
 # %% ../nbs/20_disback.ipynb #9225e9ce
 """One-step score distillation with a path of intermediate targets (Zhang et al., ICLR 2025), the DMD2-style baseline it modifies, and an honest quick-scale test of its speed claim"""
 from __future__ import annotations
-import copy, dataclasses, hashlib, json, math, os, time
+import copy, hashlib, json, math, time
 from pathlib import Path
 from typing import Literal
 
 # %% auto #0
 __all__ = ['Mode', 'RING_TEACHER', 'DIGITS_TEACHER', 'DIGITS_CLASSIFIER', 'RING_V2', 'PATH_PROFILE_STEPS', 'CLAIM', 'PAPER_SPEED',
-           'DIGITS_V2', 'SWEEP_V2', 'CURVE_FILE', 'CURVE_COLUMNS', 'sample_shape', 'frozen_copy', 'check_pair',
-           'DegradationPath', 'SimulatedCrash', 'record_degradation', 'FixedSwitch', 'AdaptiveSwitch',
-           'target_schedule', 'ScoreDistiller', 'distill', 'ring_teacher', 'digits_teacher', 'digits_classifier',
-           'sample_teacher', 'ring_eval', 'digits_eval', 'path_profile', 'fake_init_losses', 'iters_to_reach',
-           'curve_auc', 'speed', 'path_iterations', 'seed_teacher', 'seed_distill', 'ring_seed_run', 'image_grid',
-           'ring_path_experiment', 'fake_loss_windows', 'charged', 'smoothed', 'window_mean', 'seed_speed', 'arm_speed',
-           'convergence_checks', 'convergence_figure', 'seeded_convergence', 'convergence_summary',
-           'ring_convergence_experiment', 'digits_seed_teacher', 'digits_path_profile', 'digits_seed_run',
-           'digits_overshoot_figure', 'digits_overshoot', 'digits_convergence_experiment', 'initial_direction_cos',
-           'mechanism_experiment', 'sweep_cfg', 'digits_sweep_experiment', 'save_run', 'load_pipeline',
-           'one_step_benchmark', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'check_eval_config', 'curve_eval',
-           'write_curve', 'read_curve', 'disback_full', 'plot_curves']
+           'DIGITS_V2', 'SWEEP_V2', 'sample_shape', 'frozen_copy', 'check_pair', 'DegradationPath', 'SimulatedCrash',
+           'record_degradation', 'FixedSwitch', 'AdaptiveSwitch', 'target_schedule', 'ScoreDistiller', 'distill',
+           'ring_teacher', 'digits_teacher', 'digits_classifier', 'sample_teacher', 'ring_eval', 'digits_eval',
+           'path_profile', 'fake_init_losses', 'iters_to_reach', 'curve_auc', 'speed', 'path_iterations',
+           'seed_teacher', 'seed_distill', 'ring_seed_run', 'image_grid', 'ring_path_experiment', 'fake_loss_windows',
+           'charged', 'smoothed', 'window_mean', 'seed_speed', 'arm_speed', 'convergence_checks', 'convergence_figure',
+           'seeded_convergence', 'convergence_summary', 'ring_convergence_experiment', 'digits_seed_teacher',
+           'digits_path_profile', 'digits_seed_run', 'digits_overshoot_figure', 'digits_overshoot',
+           'digits_convergence_experiment', 'initial_direction_cos', 'mechanism_experiment', 'sweep_cfg',
+           'digits_sweep_experiment', 'save_run', 'load_pipeline', 'one_step_benchmark']
 
 # %% ../nbs/20_disback.ipynb #8a1d0a94
 import numpy as np
@@ -28,16 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .core import (Config, ConfigError, Checkpointer, CheckpointError, atomic_write_json, cached_tensors,
-                             check_finite, progress, seed_everything, config_hash)
-from .diffusion import (EpsMLP, ResEpsMLP, alphas_cumprod, add_noise, predict_eps, one_step, sample_ddim,
+from .core import (ConfigError, Checkpointer, CheckpointError, atomic_write_json, cached_tensors, check_finite, progress,
+                             config_hash)
+from .diffusion import (EpsMLP, ResEpsMLP, add_noise, predict_eps, one_step, sample_ddim,
                                   dmd_loss, fake_score_loss, step_generator, train_eps_model, eight_gaussians,
                                   digits_images, tensor_batches, sliced_wasserstein, pixel_fd, classifier_fd,
                                   train_feature_classifier, FeatureClassifier, matching_scheduler, OneStepPipeline)
 from .records import (Record, experiment, benchmark, claim_test, guard, power_gate, seeds_gate, protocol,
                                 run_parallel)
 from .stats import sign_flip_test, time_to_threshold, curve_area, gehan_scores, mean_std
-from .launch import launcher, make_accelerator, split_batch
 
 # %% ../nbs/20_disback.ipynb #42abce04
 def sample_shape(model:nn.Module, n:int)->tuple:
@@ -962,222 +959,3 @@ def one_step_benchmark(n:int=1000, teacher_steps:int=8, repeats:int=3)->dict:
         return min(ts)
     one = best(lambda: pipe(latents=z)); multi = best(lambda: sample_ddim(t, None, teacher_steps, x=z))
     return {"one_step_s": round(one, 5), f"teacher_{teacher_steps}_steps_s": round(multi, 5), "speedup": round(multi / one, 2)}
-
-# %% ../nbs/20_disback.ipynb #ea12aabc
-@dataclasses.dataclass
-class DisBackFullConfig(Config):
-    teacher: str = ""                  # a UNet2DModel directory (or pipeline dir with unet/), or 'tiny-random' (smoke tests)
-    mode: Literal["disback", "baseline", "fake_init"] = "disback"
-    n_nodes: int = 10                  # N: path checkpoints after the teacher
-    path_every: int = 100              # degradation steps between checkpoints
-    path_lr: float = 1e-5
-    path_batch_size: int = 32
-    iters: int = 20000                 # distillation iterations (each: `ratio` fake updates + 1 generator update)
-    switch: Literal["fixed", "adaptive"] = "fixed"
-    K: int = 1000                      # iterations per path node (fixed switch)
-    patience: int = 200                # adaptive switch
-    max_per_node: int = 4000
-    lr_g: float = 2e-6
-    lr_f: float = 2e-6
-    ratio: int = 5
-    batch_size: int = 32               # global: per-device micro-batch × gradient_accumulation_steps × processes
-    gradient_accumulation_steps: int = 1 # micro-batches per optimiser step (accelerate), for every fake and generator update
-    t_star: int = 399
-    t_min: int = 20
-    t_max: int = 980
-    max_grad_norm: float = 10.0
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep: int = 3
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = True
-    tiny_sample_size: int = 8          # only for teacher: tiny-random
-    eval_every: int = 0                # in-run evaluation every this many iterations (also at 0 and at the end); 0: none
-    eval_features: str = ""            # 'digits-classifier' (classifier-FD, 1×8×8 samples) or a feature-network folder (save_pretrained)
-    eval_reference: str = "teacher"    # 'teacher' (its DDIM samples), 'digits' (the real digits) or a .safetensors file with `images`
-    eval_n: int = 512                  # one-step samples per evaluation (fixed noise, drawn from the seed)
-    eval_teacher_steps: int = 25       # DDIM steps of the 'teacher' reference
-
-# %% ../nbs/20_disback.ipynb #3461f3f9
-def tiny_unet(sample_size:int=8, seed:int=0):
-    "A seeded 42 k-parameter `UNet2DModel` (random weights) for smoke tests of the launcher."
-    from diffusers import UNet2DModel
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-
-def load_teacher(spec:str, sample_size:int=8)->nn.Module:
-    "The full-scale teacher: a `UNet2DModel` from a local directory (checked), or `tiny-random`."
-    from distill_nb.launch import LaunchError
-    from diffusers import UNet2DModel, DDPMScheduler
-    if spec == "tiny-random": return frozen_copy(tiny_unet(sample_size))
-    if not spec: raise LaunchError("no teacher given: set `teacher:` in the config to a directory holding a diffusers UNet2DModel "
-                                   "(config.json + diffusion_pytorch_model.safetensors, or a pipeline folder with unet/ and scheduler/)")
-    root = Path(spec).expanduser(); mdir = root/"unet" if (root/"unet").is_dir() else root
-    want = ["config.json", "diffusion_pytorch_model.safetensors"]
-    missing = [f for f in want if not (mdir/f).exists()]
-    if not root.exists() or missing:
-        raise LaunchError(f"teacher directory {root} is missing {missing if root.exists() else 'entirely'}: place a diffusers UNet2DModel "
-                          f"there ({mdir}/config.json and {mdir}/diffusion_pytorch_model.safetensors; a pipeline folder with unet/ and "
-                          f"scheduler/ also works, e.g. a local copy of google/ddpm-cifar10-32). Nothing is downloaded.")
-    cfg = json.loads((mdir/"config.json").read_text())
-    if cfg.get("_class_name") != "UNet2DModel":
-        raise LaunchError(f"{mdir}/config.json describes a {cfg.get('_class_name')}; this launcher needs an unconditional ε-prediction UNet2DModel")
-    sched = root/"scheduler"/"scheduler_config.json"
-    if sched.exists():
-        s = DDPMScheduler.from_pretrained(root/"scheduler")
-        ref = alphas_cumprod()
-        if s.config.get("prediction_type", "epsilon") != "epsilon" or s.alphas_cumprod.shape != ref.shape or not torch.allclose(s.alphas_cumprod, ref):
-            raise LaunchError(f"{sched}: the teacher's schedule differs from the project's (DDPM linear β 1e-4..0.02, T=1000, ε-prediction); "
-                              f"DisBack here assumes that schedule")
-    return frozen_copy(UNet2DModel.from_pretrained(mdir, use_safetensors=True))
-
-# %% ../nbs/20_disback.ipynb #6c42c1b9
-CURVE_FILE = "curve.csv"
-CURVE_COLUMNS = ("iteration", "phase", "target", "metric", "value", "path_steps")
-
-def check_eval_config(cfg:DisBackFullConfig):
-    "Refuse a bad in-run evaluation setting with a one-line `ConfigError` (before any compute)."
-    if cfg.eval_every < 0: raise ConfigError(f"eval_every must be >= 0 (0: no in-run evaluation), got {cfg.eval_every}")
-    if cfg.eval_every == 0: return
-    if cfg.eval_n < 2: raise ConfigError(f"eval_n must be >= 2 (a Fréchet distance needs a covariance), got {cfg.eval_n}")
-    if not cfg.eval_features:
-        raise ConfigError("eval_every > 0 needs eval_features: set it to 'digits-classifier' (1×8×8 samples) or to a folder "
-                          "holding a feature network written by save_pretrained")
-    d = Path(cfg.eval_features).expanduser()
-    if cfg.eval_features != "digits-classifier" and not ((d/"config.json").is_file() and list(d.glob("*.safetensors"))):
-        raise ConfigError(f"eval_features {cfg.eval_features}: no feature network there (expected config.json and a .safetensors "
-                          f"file written by save_pretrained); point eval_features to that folder or set it to 'digits-classifier'")
-    r = Path(cfg.eval_reference).expanduser()
-    if cfg.eval_reference not in ("teacher", "digits") and not (r.is_file() and r.suffix == ".safetensors"):
-        raise ConfigError(f"eval_reference {cfg.eval_reference}: not 'teacher', 'digits' or an existing .safetensors file with "
-                          f"an `images` tensor; fix the path or set eval_reference to teacher")
-
-def _feature_net(spec:str)->nn.Module:
-    "The feature network of the in-run FD: the digits classifier, or a checked save_pretrained folder."
-    if spec == "digits-classifier": return digits_classifier()
-    d = Path(spec).expanduser(); name = json.loads((d/"config.json").read_text()).get("_class_name", "?")
-    try: cls = _model_class(name)
-    except ValueError: raise ConfigError(f"eval_features {spec}: unknown model class {name!r}; save a distill_nb.diffusion "
-                                         f"or diffusers model there with save_pretrained") from None
-    return cls.from_pretrained(d, use_safetensors=True).eval().requires_grad_(False)
-
-@torch.no_grad()
-def _features(net:nn.Module, x:Tensor, bs:int=256)->Tensor:
-    "Features of `x` in batches, on the network's device, returned flattened on the CPU."
-    dev, f = next(net.parameters()).device, getattr(net, "features", net)
-    return torch.cat([f(x[i:i + bs].to(dev)).float().reshape(len(x[i:i + bs]), -1).cpu() for i in range(0, len(x), bs)])
-
-
-# %% ../nbs/20_disback.ipynb #847667fd
-def curve_eval(cfg:DisBackFullConfig, teacher:nn.Module)->tuple[str, callable]:
-    "The launcher's in-run evaluation: (metric name, eval_fn(sd) -> {name: FD of one-step samples to the reference})."
-    from distill_nb.diffusion import frechet_distance
-    check_eval_config(cfg); dev = next(teacher.parameters()).device
-    net, name = _feature_net(cfg.eval_features).to(dev), "clf_fd" if cfg.eval_features == "digits-classifier" else "fd"
-    shape = sample_shape(teacher, cfg.eval_n)
-    if cfg.eval_features == "digits-classifier" and math.prod(shape[1:]) != net.config.in_dim:
-        raise ConfigError(f"eval_features digits-classifier scores 1×8×8 samples, this teacher makes {tuple(shape[1:])}; "
-                          f"give a feature network for its samples (a save_pretrained folder)")
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + cfg.seed))
-    if cfg.eval_reference == "teacher":
-        zr = torch.randn(shape, generator=torch.Generator().manual_seed(20_000 + cfg.seed))
-        ref = sample_teacher(teacher, zr.to(dev), cfg.eval_teacher_steps).cpu()
-    elif cfg.eval_reference == "digits": ref = digits_images()[0]
-    else:
-        from safetensors.torch import load_file
-        ref = load_file(Path(cfg.eval_reference).expanduser())["images"].float()
-    if tuple(ref.shape[1:]) != tuple(shape[1:]):
-        raise ConfigError(f"eval_reference {cfg.eval_reference}: its images are {tuple(ref.shape[1:])}, the generator makes "
-                          f"{tuple(shape[1:])}; give reference images of the generator's shape")
-    ref_f = _features(net, ref)
-    return name, lambda sd: {name: frechet_distance(_features(net, sd.sample(z)), ref_f)}
-
-
-# %% ../nbs/20_disback.ipynb #d052b3bf
-def write_curve(path:str|Path, hist:dict, path_steps:int=0)->Path:
-    "Rewrite the convergence table at `path` (atomically) from `distill`'s history: one row per evaluation and metric."
-    rows = [",".join(CURVE_COLUMNS)]
-    for c in hist["curve"]:
-        k = c["iter"]; tgt = hist["target"][k - 1] if k > 0 else ""
-        phase = "start" if k == 0 else ("teacher" if tgt == 0 else "path")
-        rows += [f"{k},{phase},{tgt},{m},{float(v)!r},{path_steps}" for m, v in c.items() if m != "iter"]
-    from distill_nb.core import atomic_write_bytes
-    atomic_write_bytes(path, ("\n".join(rows) + "\n").encode()); return Path(path)
-
-def read_curve(path:str|Path)->list[dict]:
-    "The rows of a run's convergence table (a run folder or its curve.csv), typed."
-    import csv
-    p = Path(path); p = p/CURVE_FILE if p.is_dir() else p
-    if not p.is_file(): raise FileNotFoundError(f"no convergence table at {p}: run the launcher with eval_every > 0 (it writes {CURVE_FILE})")
-    with open(p, newline="") as f:
-        return [{"iteration": int(r["iteration"]), "phase": r["phase"], "target": int(r["target"]) if r["target"] else None,
-                 "metric": r["metric"], "value": float(r["value"]), "path_steps": int(r["path_steps"])} for r in csv.DictReader(f)]
-
-
-# %% ../nbs/20_disback.ipynb #f494629f
-@launcher("disback", DisBackFullConfig)
-def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
-    "Stage 1 (degradation path, main process) then stage 2 (backtracking or baseline) under accelerate, resumable."
-    check_eval_config(cfg)                                # a bad evaluation setting fails before any process group,
-    micro = split_batch(cfg.batch_size, cfg.gradient_accumulation_steps)   # and so does an uneven batch split
-    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps); out = Path(out)
-    seed_everything(cfg.seed)
-    teacher = load_teacher(cfg.teacher, cfg.tiny_sample_size).to(acc.device)
-    path = None
-    if cfg.mode != "baseline":
-        with acc.main_process_first():                   # the main process records; the others then read the saved path
-            if (out/"path"/"path.json").exists(): path = DegradationPath.load(out/"path", type(teacher))
-            else: path = record_degradation(teacher, teacher, cfg.n_nodes, cfg.path_every, cfg.path_lr, cfg.path_batch_size,
-                                            cfg.t_star, cfg.seed, out_dir=out/"path", autocast=acc.autocast)
-    sd = ScoreDistiller(teacher, path, cfg.mode, cfg.switch, cfg.K, cfg.patience, 0.01, cfg.max_per_node, cfg.lr_g, cfg.lr_f,
-                        cfg.ratio, cfg.batch_size, cfg.t_star, (cfg.t_min, cfg.t_max), cfg.seed, max_grad_norm=cfg.max_grad_norm)
-    if cfg.gradient_checkpointing:
-        for m in (sd.gen, sd.fake):
-            if getattr(m, "_supports_gradient_checkpointing", False): m.enable_gradient_checkpointing()
-    sd.attach(acc)
-    crash_at, step = int(os.environ.get("DISTILL_NB_CRASH_AT_STEP", -1)), sd.step
-    def hooked(k):                                        # test hook: a hard kill of the main process
-        if k == crash_at and acc.is_main_process: os._exit(17)
-        return step(k)
-    sd.step = hooked
-    ck = Checkpointer(out/"checkpoints", keep=cfg.keep)
-    ev, log, path_steps = None, None, 0 if cfg.mode == "baseline" else cfg.n_nodes * cfg.path_every
-    if cfg.eval_every and acc.is_main_process:           # only the main process evaluates and writes the curve
-        _, ev = curve_eval(cfg, teacher); log = lambda hist: write_curve(out/CURVE_FILE, hist, path_steps)
-    h = distill(sd, cfg.iters, ev, cfg.eval_every or cfg.iters, ck, cfg.checkpoint_every, is_main=acc.is_main_process,
-                barrier=acc.wait_for_everyone, on_eval=log)
-    acc.wait_for_everyone()
-    summary = {"resumed_from": h["resumed_from"], "world_size": acc.num_processes, "final_dm": h["dm"][-1], "targets": h["target"],
-               "final_index": sd.index, "path_nodes": None if path is None else len(path), "mode": cfg.mode,
-               "curve": CURVE_FILE if cfg.eval_every else None, "path_steps": path_steps, "per_device_batch": micro,
-               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": str(acc.mixed_precision)}
-    if acc.is_main_process:
-        save_run(sd, out/"final"); atomic_write_json(out/"summary.json", summary)
-    return summary
-
-# %% ../nbs/20_disback.ipynb #b3b4f726
-def plot_curves(runs:list,                   # run folders (each with curve.csv and, if present, summary.json)
-                out:str|Path|None=None,      # write the figure there (png, pdf, svg ...), or None
-                labels:list[str]|None=None,  # legend names (default: folder name and mode)
-               ):
-    "The convergence curves of `runs`, one row per metric: path not charged (left) and charged (right)."
-    if len(runs) < 1: raise ValueError("plot_curves needs at least one run folder")
-    data = [read_curve(r) for r in runs]; plt = _plt()
-    def mode(r):
-        s = Path(r)/"summary.json"; return json.loads(s.read_text()).get("mode", "?") if s.is_file() else "?"
-    labels = labels or [f"{Path(r).name} ({mode(r)})" for r in runs]
-    metrics = list(dict.fromkeys(row["metric"] for d in data for row in d))
-    fig, axs = plt.subplots(len(metrics), 2, figsize=(9, 3.2 * len(metrics)), squeeze=False)
-    for i, m in enumerate(metrics):
-        for j, (d, lab) in enumerate(zip(data, labels)):
-            rs = [row for row in d if row["metric"] == m]
-            for a, charged in zip(axs[i], (False, True)):
-                a.plot([row["iteration"] + charged * row["path_steps"] for row in rs], [row["value"] for row in rs],
-                       "o-", ms=2.5, lw=1.4, color=f"C{j}", label=lab)
-        axs[i][0].set(xlabel="distillation iteration (path not charged)", ylabel=m)
-        axs[i][1].set(xlabel="iteration + degradation steps (path charged)", ylabel=m)
-    axs[0][0].legend(fontsize=7); axs[0][0].set_title("convergence", fontsize=9); fig.tight_layout()
-    if out is not None: Path(out).parent.mkdir(parents=True, exist_ok=True); fig.savefig(out, dpi=120)
-    plt.close(fig); return fig
-

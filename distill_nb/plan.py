@@ -319,7 +319,7 @@ def disback_phases(cfg)->list[Phase]:
     from diffusers import UNet2DModel
     from distill_nb.diffusion import one_step, fake_score_loss, dmd_loss
     if cfg.teacher == "tiny-random":
-        from distill_nb.disback import tiny_unet
+        from distill_nb.disback_full import tiny_unet
         kw, src = None, "tiny-random"
     else:
         root = Path(cfg.teacher).expanduser(); mdir = root/"unet" if (root/"unet").is_dir() else root

@@ -3,7 +3,9 @@ mid-backtracking resumes at the same path node and ends bit-identical to an unin
 kept; corrupt checkpoints and a missing teacher are refused with clear messages; the saved generator reloads in a
 fresh process and gives bitwise-identical one-step samples; the in-run convergence table (curve.csv) survives a kill
 and resume without lost or repeated rows; 2 processes and 1 process accumulating 2 micro-batches agree; the baseline
-trains under bf16 (1 process); `distill_nb results --curves` plots two runs side by side."""
+trains under bf16 (1 process); `distill_nb results --curves` plots two runs side by side. The SD-family latent path
+(tiny pipeline, synthetic captions) runs under 2 processes, agrees with 1 process accumulating 2 micro-batches, and
+refuses a missing base model before any compute."""
 import json, math, subprocess, sys
 from pathlib import Path
 import pytest
@@ -14,6 +16,7 @@ from distill_nb.launch import run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT/"configs"/"disback"/"tiny.yaml"
+TINY_SD = ROOT/"configs"/"disback"/"tiny_sd.yaml"
 
 def torchrun(out, home, **env): return run_launch("disback", TINY, out, 2, home=home, **env)
 
@@ -36,7 +39,7 @@ def test_two_processes_kill_and_resume_same_node(ref_run, tmp_path):
     home = ref_run.parent/"home"                                   # the digits classifier of the in-run FD is cached there
     killed = torchrun(tmp_path/"run", home, DISTILL_NB_CRASH_AT_STEP="7")   # rank 0 dies during node 1
     assert killed.returncode != 0
-    from distill_nb.disback import read_curve
+    from distill_nb.disback_full import read_curve
     assert [r["iteration"] for r in read_curve(tmp_path/"run")] == list(range(8))   # row 7 came after the last checkpoint (6)
     ck = tmp_path/"run"/"checkpoints"
     assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-00000003", "checkpoint-00000005"]  # keep 2
@@ -76,7 +79,7 @@ def one_run(ref_run, tmp_path_factory):
 
 def test_two_processes_match_one_process_accumulating(ref_run, one_run):
     "Global batch 8: 2 processes × 4 and 1 process × 2 micro-batches of 4 give the same curve and generator (to rounding)."
-    from distill_nb.disback import read_curve
+    from distill_nb.disback_full import read_curve
     s2, s1 = (json.loads((r/"summary.json").read_text()) for r in (ref_run, one_run))
     assert (s2["world_size"], s2["per_device_batch"], s1["world_size"], s1["per_device_batch"], s1["gradient_accumulation_steps"]) == (2, 4, 1, 4, 2)
     assert s2["curve"] == "curve.csv" and s2["path_steps"] == 2 * 3          # n_nodes × path_every degradation steps
@@ -102,7 +105,7 @@ def base_bf16(ref_run, tmp_path_factory):
 
 def test_bf16_baseline(base_bf16):
     "bf16 on CPU: losses finite, fp32 weights that moved away from the teacher, a curve all at the teacher phase."
-    from distill_nb.disback import read_curve, tiny_unet
+    from distill_nb.disback_full import read_curve, tiny_unet
     s = json.loads((base_bf16/"summary.json").read_text())
     assert (s["mixed_precision"], s["world_size"], s["mode"], s["path_nodes"], s["path_steps"]) == ("bf16", 1, "baseline", None, 0)
     assert math.isfinite(s["final_dm"]) and set(s["targets"]) == {0}
@@ -170,7 +173,8 @@ def test_trained_generator_reloads_bitwise_through_lcm_pipeline(tmp_path):
     "The generator as trained (in memory) and as reloaded by a fresh process give bitwise-identical one-step samples."
     from diffusers import DiffusionPipeline, LCMScheduler
     from distill_nb.diffusion import OneStepPipeline, matching_scheduler
-    from distill_nb.disback import tiny_unet, frozen_copy, record_degradation, ScoreDistiller, distill, save_run, load_pipeline
+    from distill_nb.disback import frozen_copy, record_degradation, ScoreDistiller, distill, save_run, load_pipeline
+    from distill_nb.disback_full import tiny_unet
     torch.manual_seed(0)
     teacher = frozen_copy(tiny_unet(8))
     path = record_degradation(teacher, teacher, n_nodes=1, every=2, lr=1e-3, batch_size=4)
@@ -211,3 +215,41 @@ def test_uneven_batch_split_is_refused_before_compute(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: batch_size 8 does not split over 1 process(es) × 3 accumulation step(s)"), err
     assert not (tmp_path/"home"/"cache").exists()
+
+@pytest.fixture(scope="module")
+def sd_runs(tmp_path_factory):
+    "tiny_sd.yaml on 2 processes and on 1 process accumulating 2 micro-batches (global batch 4 both)."
+    d = tmp_path_factory.mktemp("sd")
+    r2 = run_launch("disback", TINY_SD, d/"two", 2, home=d/"home")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = run_launch("disback", TINY_SD, d/"one", 1, ["gradient_accumulation_steps=2"], home=d/"home")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    return d/"two", d/"one"
+
+def test_sd_latent_path_two_processes(sd_runs):
+    "Both stages in latent space with the text-conditioned UNet: every path node, the generator and its UNet written, losses finite."
+    two, one = sd_runs
+    s = json.loads((two/"summary.json").read_text())
+    assert (s["teacher"], s["world_size"], s["path_nodes"], s["per_device_batch"]) == ("sd", 2, 3, 2)
+    assert s["targets"] == [1] * 3 + [0] * 3 and math.isfinite(s["final_dm"]) and s["t_range"] == [20, 727]
+    assert sorted(p.name for p in (two/"path").glob("node-*")) == ["node-000", "node-001", "node-002"]
+    assert json.loads((two/"path"/"node-002"/"config.json").read_text())["_class_name"] == "TextCondEps"
+    for f in ("generator/diffusion_pytorch_model.safetensors", "fake_score/diffusion_pytorch_model.safetensors",
+              "unet/diffusion_pytorch_model.safetensors", "one_step.json"):
+        assert (two/"final"/f).is_file(), f
+    a = load_file(two/"final"/"generator"/"diffusion_pytorch_model.safetensors")
+    b = load_file(one/"final"/"generator"/"diffusion_pytorch_model.safetensors")
+    t0 = load_file(two/"path"/"node-000"/"diffusion_pytorch_model.safetensors")           # the teacher
+    assert max((a[k] - t0[k]).abs().max().item() for k in a) > 1e-4                       # the generator moved
+    dw = max((a[k] - b[k]).abs().max().item() for k in a); print(f"SD path, max |dw| 2x1 vs 1x2: {dw:.3g}")
+    assert a.keys() == b.keys() and dw < 1e-5, dw      # each sample's caption follows its noise, on any process
+
+def test_sd_missing_base_model_is_refused_before_compute(tmp_path, capsys, monkeypatch):
+    from distill_nb.launch import main
+    monkeypatch.setenv("DISTILL_NB_HOME", str(tmp_path/"home")); monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["disback", "--config", str(TINY_SD), "--out", str(tmp_path/"o"), "--set", f"base_model={tmp_path}/sd15"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: base_model {tmp_path}/sd15 is not a diffusers sd15 pipeline folder: missing model_index.json"), err
+    assert err.count("\n") == 1 and "save_pretrained" in err                             # one line, naming the fix
+    assert not list((tmp_path/"o").rglob("*")) and not (tmp_path/"home").exists()
