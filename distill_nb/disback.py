@@ -590,11 +590,12 @@ def _ring_path_figure(res:list, seeds:list):
     return fig
 
 # %% ../nbs/20_disback.ipynb #cdad369f
-@experiment("disback", "ring_path", "D1: the degradation path goes from the teacher to G0 without overshooting (2-D ring, seeded teachers)", min_seeds=2)
-def ring_path_experiment(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, n:int=4000,
+@experiment("disback", "ring_path", "D1: the degradation path goes from the teacher to G0 without overshooting (2-D ring, seeded teachers)", min_seeds=2,
+            tiers=("extended",))   # about 16 minutes of 2 cores cold, beyond the quick tier's share
+def ring_path_experiment(scale:str="extended", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, n:int=4000,
                          teacher_steps:int|None=None, diagnose:bool=True)->Record:
     "Path profile on the 2-D ring: SW of each node's samples to the data and to G⁰, paired over seeded teachers, as pre-registered."
-    pro = protocol("disback", "ring_path")
+    pro = protocol("disback", "ring_path", scale=scale)
     seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
     if set(seeds) & set(pilot_seeds): raise ConfigError(f"pilot seeds {pilot_seeds} overlap the seeds {seeds}; use separate pilot seeds")
     out = run_parallel(_path_seed, [(s, n, teacher_steps, diagnose and s in seeds) for s in seeds + pilot_seeds], desc="ring path")
@@ -732,10 +733,11 @@ def convergence_summary(m:dict, checks:dict, cfg:dict, seeds:list)->tuple[str, l
 # %% ../nbs/20_disback.ipynb #dcf8c364
 PAPER_SPEED = "faster and better convergence than the baseline [abs]; speed-ups 2.46× FFHQ64, 13.09× CIFAR-10, 2.57× ImageNet64 (secondary summary, unverified)"
 
-@experiment("disback", "ring_convergence", "D1: baseline vs DisBack vs fake-init only on the 2-D ring: budget-fair, seeded teachers, censored speed", min_seeds=2)
-def ring_convergence_experiment(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, **kw)->Record:
+@experiment("disback", "ring_convergence", "D1: baseline vs DisBack vs fake-init only on the 2-D ring: budget-fair, seeded teachers, censored speed", min_seeds=2,
+            tiers=("extended",))   # about 20 minutes of 2 cores cold, beyond the quick tier's share
+def ring_convergence_experiment(scale:str="extended", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, **kw)->Record:
     "Time to the baseline's best quality, paired over seeded teachers, both accountings, as pre-registered (`kw` overrides RING_V2)."
-    pro, cfg = protocol("disback", "ring_convergence"), {**RING_V2, **kw}
+    pro, cfg = protocol("disback", "ring_convergence", scale=scale), {**RING_V2, **kw}
     seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
     runs, checks, m = seeded_convergence("ring", ring_seed_run, cfg, pro, seeds, pilot_seeds, ("baseline", "disback", "fake_init"))
     summary, table = convergence_summary(m, checks, cfg, seeds)
@@ -792,10 +794,11 @@ def digits_overshoot(runs:dict, cfg:dict)->dict:
             "early_rise": {md: [max(c[key] for c in r["curve"][1:] if c["iter"] <= max(W, r["curve"][1]["iter"])) - r["curve"][0][key] for r in runs[md]] for md in runs}}
 
 # %% ../nbs/20_disback.ipynb #4f899c43
-@experiment("disback", "digits_convergence", "D2: baseline vs DisBack vs fake-init only on 8x8 digits: budget-fair, seeded teachers, censored speed", min_seeds=2)
-def digits_convergence_experiment(scale:str="quick", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, **kw)->Record:
+@experiment("disback", "digits_convergence", "D2: baseline vs DisBack vs fake-init only on 8x8 digits: budget-fair, seeded teachers, censored speed", min_seeds=2,
+            tiers=("extended",))   # about 54 minutes of 2 cores cold, beyond the quick tier's share
+def digits_convergence_experiment(scale:str="extended", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, **kw)->Record:
     "Time to the baseline's best pixel-FD, paired over seeded digits teachers, both accountings, as pre-registered (`kw` overrides DIGITS_V2)."
-    pro, cfg = protocol("disback", "digits_convergence"), {**DIGITS_V2, **kw}
+    pro, cfg = protocol("disback", "digits_convergence", scale=scale), {**DIGITS_V2, **kw}
     seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
     runs, checks, m = seeded_convergence("digits", digits_seed_run, cfg, pro, seeds, pilot_seeds, ("baseline", "disback", "fake_init"))
     m |= {"clf_fd_final": {md: [window_mean(r["curve"], "clf_fd", (1 - cfg["tail"]) * cfg["iters"], cfg["iters"]) for r in rs] for md, rs in runs.items()},

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['PAPERS', 'EXPERIMENTS', 'TIERS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 'FAILED', 'RESTAMP_KEYS', 'ExperimentSpec',
-           'record_key', 'experiment', 'PaperNotAvailable', 'load_paper', 'available_papers', 'get_experiments',
-           'benchmark', 'get_benchmarks', 'Check', 'claim', 'claim_test', 'guard', 'power_gate', 'seeds_gate',
-           'is_legacy', 'verdict_from', 'versions', 'Record', 'results_dir', 'write_record', 'load_record',
-           'load_records', 'protocol_file', 'protocol', 'preregistered', 'source_hash', 'code_hash', 'record_status',
-           'GuardFailed', 'run_experiment', 'jobs', 'run_parallel', 'commit_with_code', 'restamp', 'md_table',
-           'verdict_cell', 'time_cell', 'records_table', 'checks_table', 'record_markdown', 'render_results',
-           'show_experiment', 'show_records', 'notebook_markdown', 'output_problems', 'fill_outputs']
+__all__ = ['PAPERS', 'EXPERIMENTS', 'TIERS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 'FAILED', 'RESTAMP_KEYS', 'TIME_KEYS',
+           'ExperimentSpec', 'record_key', 'experiment', 'PaperNotAvailable', 'load_paper', 'available_papers',
+           'get_experiments', 'benchmark', 'get_benchmarks', 'Check', 'claim', 'claim_test', 'guard', 'power_gate',
+           'seeds_gate', 'is_legacy', 'verdict_from', 'versions', 'Record', 'results_dir', 'write_record',
+           'load_record', 'load_records', 'protocol_file', 'protocol', 'preregistered', 'source_hash', 'code_hash',
+           'record_status', 'GuardFailed', 'run_experiment', 'jobs', 'run_parallel', 'commit_with_code', 'restamp',
+           'md_table', 'verdict_cell', 'time_cell', 'records_table', 'checks_table', 'record_markdown',
+           'render_results', 'show_experiment', 'show_records', 'notebook_markdown', 'output_problems', 'fill_outputs']
 
 # %% ../nbs/05_records.ipynb #c0611ab8
 import numpy as np
@@ -456,6 +456,7 @@ def _run_in(tree:Path, paper:str, name:str, scale:str, kw:dict, out:Path, jobs_:
     return json.loads((out/paper/f"{record_key(name, scale)}.json").read_text())
 
 RESTAMP_KEYS = ("metrics", "table", "checks", "summary")   # what must agree byte for byte
+TIME_KEYS = ("wall_s", "cpu_s", "search_s", "score_time_s", "diswot_time_per_candidate_s")   # clock readings some records keep among their metrics
 
 def _strip(o, ignore:tuple):
     "`o` without the dict keys in `ignore`, at any depth (wall-clock times that a record keeps among its metrics)."
@@ -477,7 +478,7 @@ def restamp(paper:str, name:str,
             seeds:list[int],             # a few of the record's own seeds, run in both checkouts
             pilot_seeds:list[int]|None=None,  # for experiments with pilot seeds (None: the experiment takes none here)
             overrides:dict|None=None,    # smaller budgets for the comparison (keyword arguments of the experiment, e.g. epochs)
-            ignore:tuple=(),             # keys left out of the comparison: wall-clock times kept among the metrics (e.g. search_s)
+            ignore:tuple=TIME_KEYS,      # keys left out of the comparison: the clock readings kept among the metrics
             scale:str="quick",           # the record's tier now
             to_scale:str|None=None,      # the tier it moves to (None: stays)
             root:str|Path|None=None,     # records directory
