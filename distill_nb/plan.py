@@ -3,16 +3,17 @@
 # %% ../nbs/07b_plan.ipynb #b7p00002
 """A memory planner for the full-scale launchers: parameters, gradients, optimizer states and measured activations per phase"""
 from __future__ import annotations
-import dataclasses, hashlib, json, math, weakref, contextlib, itertools
+import dataclasses, functools, hashlib, json, math, weakref, contextlib, itertools
 from pathlib import Path
 from typing import Callable
 
 # %% auto #0
 __all__ = ['GiB', 'OPT_STATES', 'DTYPE_BYTES', 'PLANNERS', 'DDPM_CIFAR10', 'SD15_UNET', 'SDXL_UNET', 'SD_VAE', 'CLIP_L_TEXT',
-           'CLIP_G_TEXT', 'CLIP_L_VISION', 'DRY_RUNS', 'param_counts', 'memory', 'LiveBytes', 'measure_peak',
-           'materialize', 'Act', 'Phase', 'planner', 'activation_line', 'Row', 'plan_phase', 'find_knob',
-           'hinton_phases', 'distiller_phases', 'disback_phases', 'diswot_phases', 'similar_phases', 'hyper_sd_phases',
-           'load_config', 'plan', 'plan_table', 'randomize', 'dry_run_here', 'dry_run', 'dry_run_case', 'dry_run_table']
+           'CLIP_G_TEXT', 'CLIP_L_VISION', 'SD_SCHEDULER', 'DRY_RUNS', 'param_counts', 'memory', 'LiveBytes',
+           'measure_peak', 'materialize', 'Act', 'Phase', 'planner', 'activation_line', 'Row', 'plan_phase',
+           'find_knob', 'hinton_phases', 'distiller_phases', 'disback_phases', 'diswot_phases', 'similar_phases',
+           'hyper_sd_phases', 'load_config', 'plan', 'plan_table', 'randomize', 'dry_run_here', 'dry_run',
+           'dry_run_case', 'dry_run_table']
 
 # %% ../nbs/07b_plan.ipynb #b7p00003
 import torch
@@ -315,17 +316,19 @@ DDPM_CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_bl
 
 @planner("disback")
 def disback_phases(cfg)->list[Phase]:
-    "Stage 1: the degradation path (main process: an Adam-trained copy of the teacher); stage 2: generator + fake score against the target."
+    "Stage 1: the degradation path (main process: an Adam-trained copy of the teacher); stage 2: generator + fake score against the target (`teacher: sd`: copies of the base UNet, `_disback_sd`)."
     from diffusers import UNet2DModel
     from distill_nb.diffusion import one_step, fake_score_loss, dmd_loss
-    if cfg.teacher == "tiny-random":
+    extra, scale = dict, 1.0     # frozen modules held beside the copies; the activations' per-sample scale
+    if cfg.teacher == "sd": unet, extra, scale, src = _disback_sd(cfg)
+    elif cfg.teacher == "tiny-random":
         from distill_nb.disback_full import tiny_unet
-        kw, src = None, "tiny-random"
+        unet, src = (lambda: tiny_unet(cfg.tiny_sample_size)), "tiny-random"
     else:
         root = Path(cfg.teacher).expanduser(); mdir = root/"unet" if (root/"unet").is_dir() else root
         if (mdir/"config.json").exists(): kw, src = {k: v for k, v in json.loads((mdir/"config.json").read_text()).items() if not k.startswith("_")}, "config.json"
         else: kw, src = DDPM_CIFAR10, "absent: built as google/ddpm-cifar10-32"
-    unet = (lambda: tiny_unet(cfg.tiny_sample_size)) if kw is None else (lambda: UNet2DModel(**kw))
+        unet = lambda: UNet2DModel(**kw)
     def shape(m, b):
         c = m.config; s = c.sample_size; s = (s, s) if isinstance(s, int) else tuple(s); return (b, c.in_channels, *s)
     def path_step(m, b):
@@ -342,21 +345,21 @@ def disback_phases(cfg)->list[Phase]:
         def f():
             g, fk = unet(), unet()
             if ckpt: g.enable_gradient_checkpointing(); fk.enable_gradient_checkpointing()
-            return {"teacher": _frozen(unet()), "target": _frozen(unet()), "gen": g, "fake": fk}
+            return {"teacher": _frozen(unet()), "target": _frozen(unet()), "gen": g, "fake": fk, **extra()}
         return f
     def path_mods(ckpt=False):
         def f():
             aux = unet()
             if ckpt: aux.enable_gradient_checkpointing()
-            return {"teacher": _frozen(unet()), "g0": _frozen(unet()), "aux": aux}
+            return {"teacher": _frozen(unet()), "g0": _frozen(unet()), "aux": aux, **extra()}
         return f
     out = []
     if cfg.mode != "baseline":
-        out.append(Phase("degradation path", path_mods(), "adam", cfg.path_batch_size, distributed=False, acts=[Act(path_step)],
-                         ckpt_acts=[Act(path_step, modules=path_mods(True))], note=f"main process; teacher {src}"))
+        out.append(Phase("degradation path", path_mods(), "adam", cfg.path_batch_size, distributed=False, acts=[Act(path_step, scale)],
+                         ckpt_acts=[Act(path_step, scale, modules=path_mods(True))], note=f"main process; teacher {src}"))
     ck = cfg.gradient_checkpointing
-    out.append(Phase("distillation", mods(ck), "adam", cfg.batch_size, acts=[Act(distill_step)], checkpointing=ck,
-                     ckpt_acts=None if ck else [Act(distill_step, modules=mods(True))],
+    out.append(Phase("distillation", mods(ck), "adam", cfg.batch_size, acts=[Act(distill_step, scale)], checkpointing=ck,
+                     ckpt_acts=None if ck else [Act(distill_step, scale, modules=mods(True))],
                      note=f"generator + fake score trained, each a full copy; teacher {src}"))
     return out
 
@@ -485,6 +488,34 @@ def _meta_unet(ukw:dict, adapters:tuple):
         _META_UNETS[key] = u
     return _META_UNETS[key]
 
+@functools.lru_cache(None)
+def _tiny_sd_configs(arch:str)->dict:
+    "The configs of `tiny_sd(arch)`'s parts: UNet keywords, text encoder configs, scheduler, VAE factor (built once; the global RNG left as it was)."
+    from distill_nb.hyper_sd_full import tiny_sd
+    with torch.random.fork_rng(devices=[]): parts = tiny_sd(arch)
+    out = {"unet": {k: v for k, v in parts["unet"].config.items() if not k.startswith("_")},
+           "scheduler": {k: v for k, v in parts["scheduler"].config.items() if not k.startswith("_")},
+           "vae_factor": 2 ** (len(parts["vae"].config.block_out_channels) - 1)}
+    return out | {k: parts[k].config for k in ("text_encoder", "text_encoder_2") if k in parts}
+
+def _sd_unet_config(cfg)->tuple[dict, str|None]:
+    "(UNet2DConditionModel keywords, where from) of an SD config: base_model's unet/config.json, tiny_sd's UNet for 'tiny', or `arch`'s known UNet when the folder is absent (None); a folder without unet/config.json is refused in one line."
+    if cfg.base_model == "tiny": return _tiny_sd_configs(cfg.arch)["unet"], "tiny_sd's UNet config"
+    p = Path(cfg.base_model).expanduser() if cfg.base_model else None
+    if p is None or not p.exists(): return (SDXL_UNET if cfg.arch == "sdxl" else SD15_UNET), None
+    f = p/"unet"/"config.json"
+    if not f.exists(): raise FileNotFoundError(f"base_model {p} has no unet/config.json: place the {cfg.arch} pipeline's unet/config.json "
+                                               f"there (the whole pipeline folder, for training), or leave base_model empty to plan {cfg.arch}'s known UNet")
+    return {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}, f"{p.name}/unet/config.json"
+
+def _sd_cond(b:int, ukw:dict, seq:int=77, dt=torch.float32)->dict:
+    "Zero UNet conditioning of the shapes a UNet of `ukw` takes: encoder_hidden_states (b, seq, cross_attention_dim), SDXL's text_embeds and time_ids."
+    c = {"encoder_hidden_states": torch.zeros(b, seq, ukw["cross_attention_dim"], dtype=dt)}
+    if ukw.get("addition_embed_type") == "text_time":
+        pooled = ukw["projection_class_embeddings_input_dim"] - 6 * ukw["addition_time_embed_dim"]   # SDXL: 2816 - 6 x 256 = 1280
+        c["added_cond_kwargs"] = {"text_embeds": torch.zeros(b, pooled, dtype=dt), "time_ids": torch.zeros(b, 6, dtype=dt)}
+    return c
+
 @planner("hyper_sd")
 def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
     "TSCD stages (LoRA), the feedback LoRA (ReFL through the VAE decoder and reward models), DMD (merged LoRA + a full fake-score copy)."
@@ -495,10 +526,7 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
     from distill_nb.hyper_sd import _LORA_TARGETS
     from distill_nb.hyper_sd_full import UNetFeatureDisc, ClipMLPReward, SegFeedback
     if cfg.base_model == "tiny": return [Phase("all", lambda: {}, skip="base_model tiny: a smoke-test pipeline, nothing to plan")]
-    p = Path(cfg.base_model).expanduser() if cfg.base_model else None
-    ukw = SDXL_UNET if cfg.arch == "sdxl" else SD15_UNET; src = f"{cfg.arch} architecture (base_model absent)"
-    if p is not None and (p/"unet"/"config.json").exists():
-        ukw = {k: v for k, v in json.loads((p/"unet"/"config.json").read_text()).items() if not k.startswith("_")}; src = "base_model's unet/config.json"
+    ukw, found = _sd_unet_config(cfg); src = "base_model's unet/config.json" if found else f"{cfg.arch} architecture (base_model absent)"
     F_it, D_it = cfg.feedback_iters, cfg.dmd_iters; R = cfg.lora_rank + (cfg.feedback_rank if F_it else 0)
     def unet(adapters=(), ckpt=None):
         u = _meta_unet(ukw, tuple(adapters))
@@ -506,7 +534,6 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
         u.enable_gradient_checkpointing() if (ckpt if ckpt is not None else cfg.gradient_checkpointing) else u.disable_gradient_checkpointing()
         return u
     adapters = [("default", cfg.lora_rank), ("ema", cfg.lora_rank)] + ([("feedback", cfg.feedback_rank)] if F_it else []) + ([("merged", R)] if D_it else [])
-    import functools
     def base(train:str):   # the shared UNet set to train `train`, with the frozen models of the stage
         u = unet(adapters)
         u.set_adapters(["default", "feedback"]) if train == "feedback" else u.set_adapter(train)   # active as in the launcher (add_adapter leaves the last one on)
@@ -520,11 +547,7 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
         if F_it and cfg.lam_percep: mods["seg"] = SegFeedback(SegformerForSemanticSegmentation(SegformerConfig(num_labels=150)))
         return mods
     B = cfg.batch_size; L = lat * 2 ** 3; scale = (cfg.resolution // 8) ** 2 / lat ** 2
-    xl = cfg.arch == "sdxl"; ctx = ukw["cross_attention_dim"]
-    def cond(b, dt=torch.float32):   # inputs in the weights' dtype (measured with every weight in bf16: no autocast)
-        c = {"encoder_hidden_states": torch.zeros(b, 77, ctx, dtype=dt)}
-        if xl: c["added_cond_kwargs"] = {"text_embeds": torch.zeros(b, 1280, dtype=dt), "time_ids": torch.zeros(b, 6, dtype=dt)}
-        return c
+    def cond(b, dt=torch.float32): return _sd_cond(b, ukw, 77, dt)   # inputs in the weights' dtype (measured with every weight in bf16: no autocast)
     dtype = lambda m: next(m.parameters()).dtype
     def lora_unet(ckpt=None): return lambda: {"unet": (lambda u: [q.requires_grad_(".default." in n) for n, q in u.named_parameters()] and u)(unet([("default", cfg.lora_rank)], ckpt))}
     adv = any(w > 0 for w in cfg.adv_weights)
@@ -582,6 +605,47 @@ def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
                              acts=[Act(unet_step, scale, lora_unet(), key="unet-lora-advFalse", cast_all=True), Act(fake_step, scale, fk, cast_all=True)], checkpointing=cfg.gradient_checkpointing,
                              lora=fake_lora, note=note + "; the fake score is a full fp32 copy of the UNet (Adam)"))
     return out
+
+# %% ../nbs/07b_plan.ipynb #6c043d8a
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")   # SD1.5's and SDXL's
+
+class _ZeroCaptions:
+    "The planner's stand-in for the launcher's `Captions`: zero conditioning of the UNet's shapes, for any batch."
+    def __init__(self, ukw:dict, seq:int): self.ukw, self.seq = ukw, seq
+    def draw(self, z): return _sd_cond(len(z), self.ukw, self.seq)
+    def current(self, n): return _sd_cond(n, self.ukw, self.seq)
+    def encode(self, rows): return _sd_cond(len(rows), self.ukw, self.seq)
+
+def _disback_sd(cfg, lat:int=8)->tuple:
+    "(copy factory, frozen text encoders, activation scale, note) of DisBack's `teacher: sd`: `TextCondEps` copies of the base model's UNet."
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from distill_nb.core import ConfigError
+    from distill_nb.disback_full import TextCondEps, attach_captions
+    ukw, found = _sd_unet_config(cfg); name = "SDXL" if cfg.arch == "sdxl" else "SD1.5"
+    if cfg.base_model == "tiny":
+        tiny = _tiny_sd_configs(cfg.arch); f, sched = tiny["vae_factor"], tiny["scheduler"]
+        tes = {k: tiny[k] for k in ("text_encoder", "text_encoder_2") if k in tiny}
+    else:
+        p = Path(cfg.base_model).expanduser() if cfg.base_model else None; sched = SD_SCHEDULER
+        vc = p/"vae"/"config.json" if p is not None else None
+        f = 2 ** (len(json.loads(vc.read_text())["block_out_channels"]) - 1) if vc is not None and vc.exists() else 8
+        tes = {"text_encoder": _hf_config(str(p/"text_encoder") if p else "", CLIPTextConfig(**CLIP_L_TEXT))[0]}
+        if cfg.arch == "sdxl": tes["text_encoder_2"] = _hf_config(str(p/"text_encoder_2") if p else "", CLIPTextConfig(**CLIP_G_TEXT))[0]
+    if cfg.resolution % f: raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VAE's factor {f}; set resolution to a multiple of {f}")
+    L = cfg.resolution // f; m = min(lat, L); seq = tes["text_encoder"].max_position_embeddings
+    def unet():
+        u = UNet2DConditionModel(**ukw)              # on the caller's device (meta when planned)
+        with torch.device("cpu"): e = TextCondEps(ukw, sched, m, ukw.get("in_channels", 4), cfg.arch, unet=u)   # its t_map needs ᾱ tables: not on meta
+        return attach_captions(e, _ZeroCaptions(ukw, seq))
+    def encoders():
+        mods = {"text_encoder": _frozen(CLIPTextModel(tes["text_encoder"]))}
+        if "text_encoder_2" in tes: mods["text_encoder_2"] = _frozen(CLIPTextModelWithProjection(tes["text_encoder_2"]))
+        return mods
+    src = found or f"absent: built as {name}'s UNet config"
+    note = (f"{name} UNet2DConditionModel ({src}) as TextCondEps + frozen text encoder(s); "
+            f"latents {L}x{L}, activations measured at {m}x{m} and scaled x{L * L / (m * m):g}")
+    return unet, encoders, L * L / (m * m), note
 
 # %% ../nbs/07b_plan.ipynb #b7p00028
 def load_config(paper:str, config:str|Path):

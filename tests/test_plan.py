@@ -79,3 +79,45 @@ def test_plan_measures_every_full_config(cfg, capsys):
     from distill_nb.cli import main
     assert main(["plan", cfg.parent.name, "--config", str(cfg)]) == 0
     assert "| phase |" in capsys.readouterr().out
+
+def _sd_config(tmp_path, src:str, **kw)->Path:
+    "A copy of a shipped disback config with `kw` replacing its keys."
+    lines = [l for l in (ROOT/"configs/disback"/src).read_text().splitlines() if l.split(":")[0] not in kw]
+    p = tmp_path/f"{Path(src).stem}-test.yaml"; p.write_text("\n".join(lines + [f"{k}: {v}" for k, v in kw.items()]) + "\n"); return p
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_disback_sd_plans_the_sd_unet(arch):
+    "teacher: sd plans UNet2DConditionModel copies (not the CIFAR UNet2DModel): trained = the generator and fake score, each the UNet's size."
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from distill_nb.plan import SD15_UNET, SDXL_UNET, CLIP_L_TEXT, CLIP_G_TEXT
+    with torch.device("meta"):
+        n = sum(p.numel() for p in UNet2DConditionModel(**(SDXL_UNET if arch == "sdxl" else SD15_UNET)).parameters())
+        te = sum(p.numel() for p in CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).parameters())
+        if arch == "sdxl": te += sum(p.numel() for p in CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT)).parameters())
+    assert n > 800e6                                        # SD1.5's UNet: 860 M; SDXL's: 2.6 B
+    rows = {r.phase: r for r in plan("disback", ROOT/f"configs/disback/{arch}.yaml", gpus=8, gpu_mem=80, measure=False)}
+    assert list(rows) == ["degradation path", "distillation"]
+    path, dist = rows["degradation path"], rows["distillation"]
+    assert (path.trained, path.frozen) == (n, 2 * n + te)   # aux trained; teacher, G0 and the text encoder(s) frozen
+    assert (dist.trained, dist.frozen) == (2 * n, 2 * n + te)   # generator + fake score; teacher, target, text encoder(s)
+    assert dist.params == 2 * n * 4 + (2 * n + te) * 2     # trained fp32, frozen in bf16 (the config's weight dtype)
+    name = "SDXL" if arch == "sdxl" else "SD1.5"
+    assert f"absent: built as {name}'s UNet config" in dist.note and "cifar" not in dist.note.lower(), dist.note
+    assert f"latents {64 if arch == 'sd15' else 128}x" in dist.note
+
+def test_disback_tiny_sd_plans_and_measures(tmp_path):
+    "The tiny teacher: sd config plans tiny_sd's UNet (not a CIFAR one), and its steps run (activations measured through TextCondEps)."
+    from distill_nb.hyper_sd_full import tiny_sd
+    n = sum(p.numel() for p in tiny_sd("sd15")["unet"].parameters())
+    rows = {r.phase: r for r in plan("disback", ROOT/"configs/disback/tiny_sd.yaml", gpus=1, measure=True, cache=False)}
+    assert rows["distillation"].trained == 2 * n and rows["degradation path"].trained == n
+    assert all("tiny_sd's UNet config" in r.note and "cifar" not in r.note.lower() for r in rows.values())
+    assert all(r.activations > 0 for r in rows.values())
+    # a base_model folder that is there but has no unet/config.json: one line naming the file to place
+    (tmp_path/"sd").mkdir()
+    with pytest.raises(FileNotFoundError, match="unet/config.json"): plan("disback", _sd_config(tmp_path, "sd15.yaml", base_model=tmp_path/"sd"), measure=False)
+    # ... which is read when it is there
+    (tmp_path/"sd"/"unet").mkdir(); (tmp_path/"sd"/"unet"/"config.json").write_text(json.dumps(tiny_sd("sd15")["unet"].config))
+    r = plan("disback", _sd_config(tmp_path, "sd15.yaml", base_model=tmp_path/"sd"), measure=False)[-1]
+    assert r.trained == 2 * n and "sd/unet/config.json" in r.note, r.note
