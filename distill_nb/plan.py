@@ -12,7 +12,7 @@ __all__ = ['GiB', 'OPT_STATES', 'DTYPE_BYTES', 'PLANNERS', 'DDPM_CIFAR10', 'SD15
            'CLIP_G_TEXT', 'CLIP_L_VISION', 'SD_SCHEDULER', 'DRY_RUNS', 'param_counts', 'memory', 'LiveBytes',
            'measure_peak', 'materialize', 'Act', 'Phase', 'planner', 'activation_line', 'Row', 'plan_phase',
            'find_knob', 'hinton_phases', 'distiller_phases', 'disback_phases', 'diswot_phases', 'similar_phases',
-           'hyper_sd_phases', 'load_config', 'plan', 'plan_table', 'randomize', 'dry_run_here', 'dry_run',
+           'hyper_sd_phases', 'load_config', 'plan', 'plan_table', 'plot_plan', 'randomize', 'dry_run_here', 'dry_run',
            'dry_run_case', 'dry_run_table']
 
 # %% ../nbs/07b_plan.ipynb #b7p00003
@@ -682,6 +682,35 @@ def plan_table(rows:list[Row], gpu_mem:float=80)->str:
                    f"{_b(r.optimizer)} | {_b(r.activations)} | {_b(r.peak)} | {'yes' if r.fits else 'NO'} | {r.knob or '-'} |")
     notes = sorted({r.note for r in rows if r.note and (r.trained or r.frozen or r.fits)})
     return "\n".join(out + [""] + [f"- {n}" for n in notes])
+
+# %% ../nbs/07b_plan.ipynb #c9372c25
+def plot_plan(plans:dict,            # label -> `plan(...)` rows (one group of bars per label)
+              gpu_mem:float=80,      # GiB per device, drawn as a line
+              title:str="",
+              only:tuple|None=None)->"plt.Figure":   # phase-name prefixes to draw (None: every phase)
+    "Stacked bars of parameters, gradients, optimiser states and activations (GiB per device) per phase, and the GPU's memory."
+    import matplotlib.pyplot as plt
+    keys, labels = ("params", "grads", "optimizer", "activations"), []
+    vals = {k: [] for k in keys}
+    for name, rows in plans.items():
+        for r in rows:
+            if not (r.trained or r.frozen) or (only and not r.phase.startswith(tuple(only))): continue   # unbuilt, or not asked for
+            labels.append(f"{name}\n{r.phase}")
+            for k in keys: vals[k].append(getattr(r, k))
+    top = max((sum(v) for v in zip(*vals.values())), default=0)
+    big = top >= 0.1 * gpu_mem * GiB                                          # else the GPU's line would flatten every bar
+    unit, scale = ("GiB", GiB) if top >= GiB else ("MiB", 2**20)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(labels) + 1.5), 3.2))
+    x, bottom = range(len(labels)), [0.0] * len(labels)
+    for k in keys:
+        v = [b / scale for b in vals[k]]
+        if any(v): ax.bar(x, v, bottom=bottom, label=k, width=0.6)
+        bottom = [b + w for b, w in zip(bottom, v)]
+    if big: ax.axhline(gpu_mem * GiB / scale, color="k", ls="--", lw=1, label=f"{gpu_mem:g} GiB per GPU")
+    else: title = f"{title}\n(every phase under a tenth of the {gpu_mem:g} GiB per GPU)".strip()
+    ax.set_xticks(list(x)); ax.set_xticklabels(labels, fontsize=7); ax.set_ylabel(f"{unit} per device")
+    ax.legend(fontsize=7, loc="upper left"); ax.set_title(title, fontsize=9); fig.tight_layout()
+    return fig
 
 # %% ../nbs/07b_plan.ipynb #b7p00041
 def _rss()->int:
