@@ -34,7 +34,8 @@ from .hyper_sd import (STEPS, LORA_FILE, _LORA_TARGETS, Stages, HyperSDPipeline,
 
 # %% ../nbs/51_hyper_sd_full.ipynb #5ddb650a
 @dataclasses.dataclass
-class HyperSDFullConfig(Config):
+class _SDAndTSCDFields(Config):
+    "The base model, the data and phase 1 (TSCD) of `HyperSDFullConfig`."
     arch: Literal["sd15", "sdxl"] = "sd15"
     base_model: str = ""          # diffusers pipeline folder, or "tiny" (built from configs; smoke tests)
     data_root: str = ""           # folder holding laion/ (see distill_nb.data.laion_subset), or "synthetic"
@@ -54,6 +55,12 @@ class HyperSDFullConfig(Config):
     w_max: float = 8.0
     offset_noise: float = 0.05
     num_ddim_timesteps: int = 50
+
+
+# %% ../nbs/51_hyper_sd_full.ipynb #1b07b1f4
+@dataclasses.dataclass
+class _FeedbackDMDFields(_SDAndTSCDFields):
+    "Phases 2 (the feedback LoRA) and 3 (the DMD + MSE one-step stage) of `HyperSDFullConfig`."
     # phase 2: human feedback (separate LoRA, then merged)
     feedback_iters: int = nonneg(0)
     feedback_rank: int = positive(16)
@@ -76,6 +83,12 @@ class HyperSDFullConfig(Config):
     lam_mse: float = 0.5
     mse_steps: int = 8            # the teacher ODE steps of the MSE target
     lam_feedback: float = 0.0     # feedback hinge during DMD (needs reward_model)
+
+
+# %% ../nbs/51_hyper_sd_full.ipynb #4e8c914a
+@dataclasses.dataclass
+class HyperSDFullConfig(_FeedbackDMDFields):
+    "The Hyper-SD launcher's config: the fields above, the run, and the COCO-5k evaluation after training."
     # run
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
