@@ -150,6 +150,7 @@ def _plot_curves(a)->int:
     from distill_nb.disback_full import plot_curves
     plot_curves(a.curves, a.out); print(f"wrote {a.out}"); return 0
 
+# %% ../nbs/06_cli.ipynb #49bd9dcd
 def cmd_bench(a)->int:
     "Run benchmarks and print what each measured (times and ratios from one run)."
     for s in resolve_targets(a.targets, "benchmarks"):
@@ -216,7 +217,7 @@ def cmd_restamp(a)->int:
     """Re-stamp a record after a refactor that cannot change its numbers (code moved out of the paper module, a tier move):
 the experiment runs cold on the given seeds in a checkout of the commit that made the record and in this one; only if
 their metrics, table, checks and summary agree byte for byte is the record written again with the current hashes."""
-    from distill_nb.records import restamp
+    from distill_nb.records import restamp, TIME_KEYS
     paper, _, name = a.target.partition(":")
     if not name: raise UsageError(f"give one experiment as paper:experiment, got {a.target!r}")
     os.environ["DISTILL_NB_JOBS"] = str(a.jobs or os.cpu_count() or 1)
@@ -226,7 +227,7 @@ their metrics, table, checks and summary agree byte for byte is the record writt
         k, eq, v = s.partition("=")
         if not eq or not k: raise UsageError(f"--set expects KEY=VALUE (an argument of the experiment), got {s!r}")
         over[k] = yaml.safe_load(v)
-    try: r = restamp(paper, name, a.seeds, a.pilot_seeds, overrides=over, ignore=tuple(a.ignore or ()), scale=a.scale, to_scale=a.to_scale, root=a.results)
+    try: r = restamp(paper, name, a.seeds, a.pilot_seeds, overrides=over, ignore=TIME_KEYS + tuple(a.ignore or ()), scale=a.scale, to_scale=a.to_scale, root=a.results)
     except (ValueError, KeyError) as ex: raise UsageError(str(ex).strip('"')) from None   # bad seeds or tier, or old and new code disagree
     e = r.restamped[-1]
     print(f"{paper}:{name}: re-stamped at --scale {r.scale} (code {e['from_code_hash']} → {r.code_hash}); identical on seeds "
@@ -281,13 +282,14 @@ def make_parser(epilog:str|None=None)->argparse.ArgumentParser:
     rs.add_argument("--pilot-seeds", type=int, nargs="+", default=None, help="pilot seeds to run too (experiments that take them)")
     rs.add_argument("--scale", choices=["quick", "extended"], default="quick", help="the record's tier now")
     rs.add_argument("--to-scale", choices=["quick", "extended"], default=None, help="the tier it moves to (default: stays)")
-    rs.add_argument("--ignore", action="append", metavar="KEY", help="a metrics key left out of the comparison (a wall-clock time; repeatable)")
+    rs.add_argument("--ignore", action="append", metavar="KEY", help="a metrics key left out of the comparison besides the clock readings always left out (records.TIME_KEYS); repeatable")
     rs.add_argument("--set", action="append", metavar="KEY=VALUE", help="a smaller budget for the comparison: an argument of the experiment (repeatable)")
     rs.add_argument("--results", type=Path, default=None); rs.add_argument("-j", "--jobs", type=int, default=None); rs.set_defaults(fn=cmd_restamp)
     m = sub.add_parser("readme", help="render README.md from nbs/index.ipynb (source checkout)", description=cmd_readme.__doc__)
     m.add_argument("--check", action="store_true", help="only check that README.md is up to date"); m.set_defaults(fn=cmd_readme)
     return p
 
+# %% ../nbs/06_cli.ipynb #0a03f277
 def _user_error(e:Exception)->bool:
     "Errors that are the user's to fix (shown as one line), as opposed to bugs (shown with a traceback)."
     if isinstance(e, (UsageError, FileNotFoundError, PermissionError)): return True
@@ -307,4 +309,3 @@ def main(argv:list[str]|None=None)->int:
     except Exception as e:
         if debug or not _user_error(e): raise
         p.exit(2, f"distill_nb: error: {e}\n")
-

@@ -233,6 +233,7 @@ def predict_eps(model:nn.Module, # an ε-network (EpsMLP, ResEpsMLP, UNet2DModel
     e_u, e_c = e.chunk(2)
     return e_u + guidance * (e_c - e_u)
 
+# %% ../nbs/04_diffusion.ipynb #162256c8
 @torch.no_grad()
 def sample_ddim(model:nn.Module,  # ε-network
                 shape:tuple,      # output shape, e.g. (n, 2) or (n, 1, 8, 8)
@@ -500,6 +501,7 @@ class FakeScoreTrainer:
             losses.append(self.step(x0, generator, c))
         return float(np.mean(losses))
 
+# %% ../nbs/04_diffusion.ipynb #17fe6853
 def dmd_grad(x0:Tensor, real_model:nn.Module, fake_model:nn.Module, t_range:tuple=(20, 980),
              generator:torch.Generator|None=None, cond:Tensor|None=None, guidance:float=1.0,
              t:Tensor|None=None, eps:Tensor|None=None)->Tensor:

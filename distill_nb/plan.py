@@ -163,6 +163,7 @@ def _cache_file()->Path:
     from distill_nb.core import cache_dir
     return cache_dir("plan")/"activations.json"
 
+# %% ../nbs/07b_plan.ipynb #6211f07d
 def _piece_line(a:Act, ph:Phase, key:str, weight_dtype, autocast:bool, cache:bool)->tuple[float, float]:
     bs = "" if tuple(a.batches) == (1, 2) else f"|b{tuple(a.batches)}"     # the measurement batches (the default keeps older keys)
     k = hashlib.sha256(f"{key}|{torch.__version__}|{autocast}|{weight_dtype}{bs}".encode()).hexdigest()[:16]
@@ -201,6 +202,7 @@ class Row:
 def _micro(ph:Phase, gpus:int, accum:int)->int:
     return max(1, math.ceil(ph.batch / ((gpus if ph.distributed else 1) * accum)))
 
+# %% ../nbs/07b_plan.ipynb #862a4f9a
 def plan_phase(ph:Phase, key:str, mixed_precision:str="no", gpus:int=1, gpu_mem:float=80, fsdp:bool=False, accum:int=1,
                measure:bool=True, cache:bool=True)->Row:
     "The per-device memory of one phase and, when it does not fit in `gpu_mem` GiB, the knob that makes it fit."
@@ -218,6 +220,7 @@ def plan_phase(ph:Phase, key:str, mixed_precision:str="no", gpus:int=1, gpu_mem:
     if not row.fits: row.knob = find_knob(ph, key, counts, line, mixed_precision, gpus, gpu_mem, fsdp, accum, measure, cache)
     return row
 
+# %% ../nbs/07b_plan.ipynb #7044238d
 def find_knob(ph, key, counts, line, mixed_precision, gpus, gpu_mem, fsdp, accum, measure, cache)->str:
     "The fewest changes that fit: gradient accumulation, gradient checkpointing, a LoRA in place of a full copy, FSDP (in that order of preference)."
     wb = DTYPE_BYTES[mixed_precision]; wdt = torch.float32 if wb == 4 else torch.bfloat16; budget = gpu_mem * GiB
@@ -488,6 +491,7 @@ def _meta_unet(ukw:dict, adapters:tuple):
         _META_UNETS[key] = u
     return _META_UNETS[key]
 
+# %% ../nbs/07b_plan.ipynb #b9276b7e
 @functools.lru_cache(None)
 def _tiny_sd_configs(arch:str)->dict:
     "The configs of `tiny_sd(arch)`'s parts: UNet keywords, text encoder configs, scheduler, VAE factor (built once; the global RNG left as it was)."
@@ -516,6 +520,7 @@ def _sd_cond(b:int, ukw:dict, seq:int=77, dt=torch.float32)->dict:
         c["added_cond_kwargs"] = {"text_embeds": torch.zeros(b, pooled, dtype=dt), "time_ids": torch.zeros(b, 6, dtype=dt)}
     return c
 
+# %% ../nbs/07b_plan.ipynb #b93fba80
 @planner("hyper_sd")
 def hyper_sd_phases(cfg, lat:int=8)->list[Phase]:
     "TSCD stages (LoRA), the feedback LoRA (ReFL through the VAE decoder and reward models), DMD (merged LoRA + a full fake-score copy)."
@@ -749,6 +754,7 @@ def _warm_up(autocast:bool, optimizer:str):
             loss = F.cross_entropy(m["l"](F.gelu(m["ln"](h))).mean(1).float(), torch.zeros(2, dtype=torch.long))
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 
+# %% ../nbs/07b_plan.ipynb #239ef328
 def _digest(ts)->str:
     "A hash of the bytes of tensors `ts` (any dtype): equal digests, bit-identical tensors."
     h = hashlib.sha256()
@@ -770,6 +776,7 @@ def _dry_config(paper:str, config:str|Path, sets:list):
     load_paper(paper)
     return LAUNCHERS[paper].config_cls.from_dict(apply_overrides(read_yaml(config), list(sets)), _where=Path(config).name)
 
+# %% ../nbs/07b_plan.ipynb #77c10b79
 def dry_run_here(paper:str,              # a paper with a planner
                  config:str|Path,        # its full config (YAML)
                  phase:str,              # the phase's name in the plan
@@ -836,6 +843,7 @@ def dry_run_here(paper:str,              # a paper with a planner
         r.update(planned=row.peak, plan=dataclasses.asdict(row), ratio=row.peak / r["measured"])
     return r
 
+# %% ../nbs/07b_plan.ipynb #f7099344
 def dry_run(paper:str, config:str|Path, phase:str, sets:list=(), batch:int=1, steps:int=2, phase_kw:dict|None=None,
             timeout:float|None=None)->dict:
     "`dry_run_here` in a fresh Python process, so that the peak RSS is the dry run's own; returns its record."
@@ -871,6 +879,7 @@ def dry_run_case(name:str,              # a key of `DRY_RUNS`
     r = dry_run(paper, root/cfg, phase, sets, batch=batch, phase_kw=kw, timeout=timeout)
     f.write_text(json.dumps(r, indent=1)); return r
 
+# %% ../nbs/07b_plan.ipynb #c19e0dac
 def dry_run_table(records:list)->str:
     "The dry runs as a markdown table: seconds per step, measured and planned peaks, their ratio."
     out = ["| paper | config | phase | batch | dtype | s / step | peak RSS | baseline | measured (peak - baseline) | planned | planned / measured | resume |", "|" + "---|" * 12]
@@ -879,4 +888,3 @@ def dry_run_table(records:list)->str:
         out.append(f"| {r['paper']} | {Path(r['config']).stem} | {r['phase']} | {r['batch']} | {r['mixed_precision']} | {r['s_per_step']:.2f} | {_b(r['peak_rss'])} | "
                    f"{_b(r['baseline_rss'])} | {_b(r['measured'])} | {_b(r['planned']) if 'planned' in r else '-'} | {r.get('ratio', float('nan')):.2f} | {ok} |")
     return "\n".join(out)
-

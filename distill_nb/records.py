@@ -15,7 +15,8 @@ __all__ = ['PAPERS', 'EXPERIMENTS', 'TIERS', 'BENCHMARKS', 'ROLES', 'VERDICTS', 
            'load_record', 'load_records', 'protocol_file', 'protocol', 'preregistered', 'source_hash', 'code_hash',
            'record_status', 'GuardFailed', 'run_experiment', 'jobs', 'run_parallel', 'commit_with_code', 'restamp',
            'md_table', 'verdict_cell', 'time_cell', 'records_table', 'checks_table', 'record_markdown',
-           'render_results', 'show_experiment', 'show_records', 'notebook_markdown', 'output_problems', 'fill_outputs']
+           'render_results', 'primary_line', 'what_reproduces', 'show_experiment', 'show_records', 'notebook_markdown',
+           'output_problems', 'fill_outputs']
 
 # %% ../nbs/05_records.ipynb #c0611ab8
 import numpy as np
@@ -468,9 +469,22 @@ def _digest(d:dict, ignore:tuple=())->str:
     import hashlib
     return hashlib.sha256(json.dumps([_strip(d.get(k), ignore) for k in RESTAMP_KEYS], sort_keys=True).encode()).hexdigest()[:12]
 
+def _diff_path(a, b, path:str)->str|None:
+    "Where two JSON-like values first differ: the key path and both values (None where they agree)."
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b: return f"{path}.{k} (only in the {'old' if k in a else 'new'} run)"
+            if (d := _diff_path(a[k], b[k], f"{path}.{k}")) is not None: return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _diff_path(x, y, f"{path}[{i}]")) is not None), None)
+    return None if json.dumps(a) == json.dumps(b) else f"{path}: old {json.dumps(a)[:60]}, new {json.dumps(b)[:60]}"
+
 def _first_difference(a:dict, b:dict, ignore:tuple=())->str|None:
+    "The first of RESTAMP_KEYS where the old run `a` and the new run `b` differ, as a key path with both values (None: identical)."
     for k in RESTAMP_KEYS:
-        if json.dumps(_strip(a.get(k), ignore), sort_keys=True) != json.dumps(_strip(b.get(k), ignore), sort_keys=True): return k
+        x, y = _strip(a.get(k), ignore), _strip(b.get(k), ignore)
+        if json.dumps(x, sort_keys=True) != json.dumps(y, sort_keys=True): return _diff_path(x, y, k) or k
     return None
 
 # %% ../nbs/05_records.ipynb #53045382
@@ -610,6 +624,27 @@ def render_results(root:str|Path|None=None)->str:
         out += ["", f"## {paper}", "", f"*{PAPERS[paper][1]}*"]
         for r in rs: out += ["", f"### {record_key(r.experiment, r.scale)} — {r.verdict}", "", record_markdown(r)]
     return "\n".join(out) + "\n"
+
+# %% ../nbs/05_records.ipynb #1df5fe33
+def primary_line(r:Record)->str:
+    "A record in one line: its primary claim's effect, interval, p and n (seeds, or units), each pre-registered power gate (met or not), its summary."
+    if r.legacy: return "legacy record (no roles, no protocol): " + r.summary
+    k, c = next(((k, c) for k, c in r.checks.items() if c.role == "claim" and c.primary), (None, None))
+    if c is None: return r.summary
+    u = f" {c.unit}" if c.unit else ""
+    ev = ((f"effect {c.effect:+.3g}{u}" if c.effect is not None else "holds" if c.passed else "fails")
+          + (f" [{c.lo:+.3g}, {c.hi:+.3g}]" if c.lo is not None and c.hi is not None else "")
+          + (f", p = {c.p:.3g}" if c.p is not None else "") + (f", n = {c.n}" if c.n is not None else ""))
+    gates = [g for g in r.checks.values() if g.role == "power" and not g.post_hoc]
+    return (f"primary *{k}*: {ev}" + "".join(f"; power gate {_gate_text(g)} ({'met' if g.passed else 'not met'})" for g in gates)
+            + f". {r.summary}")
+
+def what_reproduces(paper:str, root:str|Path|None=None)->str:
+    "Markdown, a line per record of `paper`: the verdict, whether the record is current, stale or legacy, `primary_line`, the paper's numbers."
+    recs = load_records(paper, root)
+    return "\n".join(f"- **{record_key(r.experiment, r.scale)}** — {r.verdict} ({record_status(r)}): {primary_line(r)}"
+                     + (f"  \n  *Paper:* {r.paper_summary}" if r.paper_summary else "") for r in recs) \
+        or f"_No records yet: run `distill_nb reproduce {paper}`._"
 
 # %% ../nbs/05_records.ipynb #b2c0a023
 def _png(path_or_bytes, max_width:int=640)->bytes:
