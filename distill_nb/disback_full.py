@@ -3,15 +3,16 @@
 # %% ../nbs/21_disback_full.ipynb #a55b0826
 """The DisBack launcher under accelerate: stage 1 (degradation path), stage 2 (backtracking or the baseline), the in-run convergence curve and its plot"""
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os
+import contextlib, copy, dataclasses, hashlib, json, math, os
 from pathlib import Path
 from typing import Literal
 
 # %% auto #0
 __all__ = ['CURVE_FILE', 'CURVE_COLUMNS', 'DisBackFullConfig', 'tiny_unet', 'load_teacher', 'Captions', 'TextCondEps',
-           'attach_captions', 'sd_captions', 'check_sd_config', 'sd_teacher', 't_ranges', 'save_sd_generator',
-           'sd_one_step_pipeline', 'check_eval_config', 'curve_eval', 'write_curve', 'read_curve', 'disback_full',
-           'plot_curves']
+           'with_guidance', 'attach_captions', 'sd_captions', 'check_sd_config', 'sd_teacher', 't_ranges',
+           'save_sd_generator', 'sd_one_step_pipeline', 'check_eval_config', 'curve_eval', 'write_curve', 'read_curve',
+           'adapter_state', 'AdapterOnly', 'teacher_fingerprint', 'LoRADegradationPath', 'record_lora_degradation',
+           'lora_path_bench', 'stage_one_path', 'disback_full', 'plot_curves']
 
 # %% ../nbs/21_disback_full.ipynb #fd63c6aa
 import torch
@@ -20,11 +21,14 @@ from torch import Tensor
 from diffusers import ModelMixin, ConfigMixin, UNet2DConditionModel, DDPMScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
-from .core import Config, ConfigError, Checkpointer, atomic_write_json, seed_everything
-from .diffusion import alphas_cumprod, digits_images
+from .core import (Config, ConfigError, Checkpointer, CheckpointError, atomic_write_json, seed_everything, save_tensors,
+                            load_tensors, _sha256, check_finite, progress)
+from .diffusion import alphas_cumprod, digits_images, lora_score_model, step_generator
 from .data import laion_subset
 from .launch import launcher, make_accelerator, split_batch, freeze
+from .records import benchmark
 from .disback import (sample_shape, frozen_copy, _model_class, DegradationPath, record_degradation, ScoreDistiller,
+                                check_pair, SimulatedCrash, _degradation_step,
                                 distill, digits_classifier, sample_teacher, _plt, save_run)
 from .hyper_sd_full import load_sd, encode_prompts, check_base_model, sd_pipeline, dmd_t_range, _synthetic_pairs
 
@@ -37,6 +41,7 @@ class DisBackFullConfig(Config):
     path_every: int = 100              # degradation steps between checkpoints
     path_lr: float = 1e-5
     path_batch_size: int = 32
+    path_lora_rank: int = 0            # r > 0: path nodes as rank-r LoRA adapters on the frozen teacher (storage r-sized); 0: full copies
     iters: int = 20000                 # distillation iterations (each: `ratio` fake updates + 1 generator update)
     switch: Literal["fixed", "adaptive"] = "fixed"
     K: int = 1000                      # iterations per path node (fixed switch)
@@ -51,6 +56,7 @@ class DisBackFullConfig(Config):
     t_min: int = 20
     t_max: int = 980
     max_grad_norm: float = 10.0
+    real_guidance: float = 1.0         # teacher: sd — classifier-free guidance scale of the target (teacher or path node) in the DMD direction (the released SDXL recipe: 8)
     seed: int = 0
     checkpoint_every: int = 500
     keep: int = 3
@@ -118,9 +124,18 @@ class Captions:
 
     def encode(self, rows:Tensor)->dict:
         "The UNet conditioning of the captions `rows` (float32; SDXL's added_cond_kwargs too)."
-        c = encode_prompts(self.parts, [self.captions[i] for i in rows.tolist()], self.arch, self.resolution, self.device)
+        return self._encode_texts([self.captions[i] for i in rows.tolist()])
+
+    def _encode_texts(self, texts:list[str])->dict:
+        c = encode_prompts(self.parts, texts, self.arch, self.resolution, self.device)
         f = lambda v: v.float() if v.is_floating_point() else v
         return {k: ({a: f(b) for a, b in v.items()} if isinstance(v, dict) else f(v)) for k, v in c.items()}
+
+    def empty(self, n:int)->dict:
+        "The empty caption's conditioning for a batch of `n` (classifier-free guidance's unconditional branch; encoded once)."
+        if getattr(self, "_empty", None) is None: self._empty = self._encode_texts([""])
+        rep = lambda v: v.expand(n, *v.shape[1:])
+        return {k: ({a: rep(b) for a, b in v.items()} if isinstance(v, dict) else rep(v)) for k, v in self._empty.items()}
 
     def _use(self, rows:Tensor, n:int)->dict:
         if len(rows) != n: raise RuntimeError(f"{len(rows)} pinned captions for a batch of {n}")
@@ -176,8 +191,17 @@ class TextCondEps(ModelMixin, ConfigMixin):
         if class_labels is not None: c = p.encode(class_labels.reshape(-1))
         elif t.ndim == 0: c = p.draw(sample)
         else: c = p.current(len(sample))
-        out = self.unet(sample, self.t_map.to(sample.device)[t.expand(len(sample))], **c).sample
+        tt = self.t_map.to(sample.device)[t.expand(len(sample))]
+        out = self.unet(sample, tt, **c).sample
+        if (w := getattr(self, "guidance", 1.0)) != 1.0:       # classifier-free guidance (set on the target only: `with_guidance`)
+            u = self.unet(sample, tt, **p.empty(len(sample))).sample; out = u + w * (out - u)
         return UNet2DOutput(sample=out) if return_dict else (out,)
+
+def with_guidance(model:nn.Module, scale:float)->nn.Module:
+    "Make `model` (a `TextCondEps`) return the classifier-free-guided ε̂_∅ + w(ε̂_c − ε̂_∅); its copies and state dicts are unaffected."
+    if scale != 1.0 and not isinstance(model, TextCondEps):
+        raise ConfigError(f"real_guidance {scale}: classifier-free guidance needs a text-conditioned teacher (teacher: sd); set real_guidance: 1")
+    object.__setattr__(model, "guidance", float(scale)); return model
 
 def attach_captions(model:nn.Module, captions:Captions|None)->nn.Module:
     "Give `model` (a `TextCondEps`, e.g. read from disk) the run's captions; its copies share them."
@@ -201,7 +225,11 @@ def sd_captions(cfg:DisBackFullConfig)->list[str]:
 
 def check_sd_config(cfg:DisBackFullConfig)->list[str]|None:
     "For `teacher: sd`, check the base model's files and read the captions (before any compute); None for other teachers."
-    if cfg.teacher != "sd": return None
+    if not (math.isfinite(cfg.real_guidance) and cfg.real_guidance >= 1):
+        raise ConfigError(f"real_guidance {cfg.real_guidance}: set a guidance scale >= 1 (1: no guidance; the released SDXL recipe uses 8)")
+    if cfg.teacher != "sd":
+        if cfg.real_guidance != 1: raise ConfigError(f"real_guidance {cfg.real_guidance}: classifier-free guidance needs a text-conditioned teacher (teacher: sd); set real_guidance: 1")
+        return None
     if cfg.base_model != "tiny": check_base_model(cfg.base_model, cfg.arch)
     return sd_captions(cfg)
 
@@ -336,6 +364,177 @@ def read_curve(path:str|Path)->list[dict]:
                  "metric": r["metric"], "value": float(r["value"]), "path_steps": int(r["path_steps"])} for r in csv.DictReader(f)]
 
 
+# %% ../nbs/21_disback_full.ipynb #6083ba16
+def adapter_state(m:nn.Module, name:str="score")->dict:
+    "The LoRA tensors of adapter `name` in `m` (CPU copies), keyed as in `m.state_dict()`."
+    return {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items() if "lora_" in k and f".{name}." in k}
+
+class AdapterOnly(nn.Module):
+    "A LoRA model seen through its adapter alone: `state_dict` / `load_state_dict` hold only the LoRA tensors (what a checkpoint keeps)."
+    def __init__(self, m:nn.Module, name:str="score"):
+        super().__init__(); object.__setattr__(self, "m", m); self.name = name
+    def state_dict(self, *a, **k)->dict: return adapter_state(self.m, self.name)
+    def load_state_dict(self, sd:dict, strict:bool=True):
+        want = set(adapter_state(self.m, self.name))
+        if strict and set(sd) != want:
+            raise RuntimeError(f"adapter tensors differ from the model's\n{len(set(sd) ^ want)} names differ, e.g. {sorted(set(sd) ^ want)[0]}")
+        return self.m.load_state_dict(sd, strict=False)
+
+def teacher_fingerprint(m:nn.Module)->str:
+    "A cheap identity of a network's weights (names, shapes and float64 sums): refuses adapters recorded on another teacher."
+    h = hashlib.sha256()
+    for k, v in m.state_dict().items(): h.update(f"{k}{tuple(v.shape)}{v.double().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+# %% ../nbs/21_disback_full.ipynb #f0ea6d59
+class LoRADegradationPath(DegradationPath):
+    "A degradation path whose nodes are LoRA adapters on the frozen teacher: node i = s_θ + (α/r)·B_i A_i, merged when read."
+    def __init__(self, teacher:nn.Module, adapters:list[dict], rank:int, alpha:float|None=None, targets:list[str]|None=None,
+                 meta:dict|None=None):
+        if len(adapters) < 2:
+            raise ValueError(f"a degradation path needs at least 2 checkpoints (the teacher and one degraded node), got {len(adapters)}; "
+                             f"record it with more steps (n_nodes >= 1)")
+        self.template = frozen_copy(teacher)
+        self.lora = lora_score_model(self.template, rank, alpha, targets).eval()     # shares the template's weights
+        self.rank, self.alpha, self.targets = rank, alpha or rank, targets
+        want = set(adapter_state(self.lora))
+        for i, a in enumerate(adapters):
+            if set(a) != want: raise ValueError(f"node {i}'s adapter does not fit this teacher at rank {rank} ({len(set(a) ^ want)} tensor "
+                                                f"names differ); record the path again with this teacher, rank and targets")
+        self.states, self.meta = list(adapters), dict(meta or {}, lora_rank=rank, lora_alpha=self.alpha)
+
+    def __getitem__(self, i:int)->dict: return self.merged(i)
+
+    def merged(self, i:int)->dict:
+        "Node `i` as a full state dict in the teacher's layout: W + ΔW_i on every adapted layer, the rest the teacher's."
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        self.lora.load_state_dict(self.states[i], strict=False)
+        sd = {k: v.clone() for k, v in self.template.state_dict().items()}
+        with torch.no_grad():
+            for n, mod in self.lora.named_modules():
+                if isinstance(mod, BaseTunerLayer): w = sd[f"{n}.weight"]; sd[f"{n}.weight"] = w + mod.get_delta_weight("score").to(w.dtype)
+        return sd
+
+    def model(self, i:int)->nn.Module:
+        "Node `i` as a frozen network of the teacher's class (merged)."
+        m = copy.deepcopy(self.template); m.load_state_dict(self.merged(i)); return m.eval().requires_grad_(False)
+
+    def node_bytes(self)->dict:
+        "Bytes of one node: its adapter against a full copy of the teacher."
+        nb = lambda d: sum(v.numel() * v.element_size() for v in d.values())
+        return {"adapter": nb(self.states[-1]), "full": nb(self.template.state_dict())}
+
+# %% ../nbs/21_disback_full.ipynb #b2cf2634
+def _lora_save(path:LoRADegradationPath, root:str|Path)->Path:
+    "Every node's adapter as `root/node-XXX/adapter.safetensors`, plus `path.json` (checksums, rank, targets, the teacher's fingerprint)."
+    root = Path(root); root.mkdir(parents=True, exist_ok=True); files = {}
+    for i, a in enumerate(path.states):
+        d = root/f"node-{i:03d}"; d.mkdir(exist_ok=True); save_tensors(d/"adapter.safetensors", a)
+        files[d.name] = {"adapter.safetensors": _sha256(d/"adapter.safetensors")}
+    atomic_write_json(root/"path.json", {"n_nodes": len(path), "files": files, "meta": path.meta, "class": type(path.template).__name__,
+                                         "lora": {"rank": path.rank, "alpha": path.alpha, "targets": path.targets,
+                                                  "teacher": teacher_fingerprint(path.template)}})
+    return root
+
+def _lora_load(cls, root:str|Path, teacher:nn.Module)->"LoRADegradationPath":
+    "Read a LoRA path written by `save`: the kind, the teacher's fingerprint and every node's checksum are checked."
+    root = Path(root); info_p = root/"path.json"
+    if not info_p.exists(): raise CheckpointError(f"{root} is not a saved degradation path (no path.json); record it again (stage 1)")
+    info = json.loads(info_p.read_text()); lo = info.get("lora")
+    if lo is None: raise ConfigError(f"{root} holds a path of full copies, but path_lora_rank > 0; set path_lora_rank: 0 to use it, or use a new --out")
+    if lo["teacher"] != teacher_fingerprint(teacher):
+        raise CheckpointError(f"{root} was recorded on another teacher (fingerprint {lo['teacher']}); use a new --out for this teacher")
+    ads = []
+    for name in sorted(info["files"]):
+        f = root/name/"adapter.safetensors"
+        if not f.exists() or _sha256(f) != info["files"][name]["adapter.safetensors"]:
+            raise CheckpointError(f"path node {f} is missing or corrupt (sha256 mismatch); delete {root} to record the path again")
+        ads.append(load_tensors(f))
+    return cls(teacher, ads, lo["rank"], lo["alpha"], lo["targets"], info.get("meta"))
+
+LoRADegradationPath.save = _lora_save; LoRADegradationPath.load = classmethod(_lora_load)
+
+# %% ../nbs/21_disback_full.ipynb #dc5e5675
+def record_lora_degradation(teacher:nn.Module,     # s_θ (frozen; shared by the adapter, never modified)
+                            generator:nn.Module,   # G⁰ (frozen here)
+                            n_nodes:int=10, every:int=25, lr:float=1e-4, batch_size:int=256, t_star:int=399, seed:int=0,
+                            t_range:tuple=(0, 1000),
+                            rank:int=8,            # LoRA rank r of the auxiliary model
+                            alpha:float|None=None, # LoRA α (default r)
+                            targets:list[str]|None=None, # adapted modules (default: every Linear and Conv2d)
+                            out_dir:str|Path|None=None, autocast=None, crash_at:int|None=None,
+                           )->LoRADegradationPath:
+    "`record_degradation` (Algorithm 1) with the auxiliary model a rank-r LoRA on the frozen teacher: the adapter is snapshotted every `every` steps."
+    if n_nodes < 1: raise ValueError(f"n_nodes must be >= 1 (a path needs at least 2 checkpoints), got {n_nodes}")
+    if every < 1: raise ValueError(f"every must be >= 1, got {every}")
+    check_pair(teacher, generator, t_star); autocast = autocast or contextlib.nullcontext
+    with torch.random.fork_rng(devices=[]):               # the adapter's random A is drawn from `seed`, not the global stream
+        torch.manual_seed(seed); aux, g0 = lora_score_model(teacher, rank, alpha, targets).train(), frozen_copy(generator)
+    opt = torch.optim.Adam([q for q in aux.parameters() if q.requires_grad], lr=lr); view = AdapterOnly(aux)
+    states, losses, start = [adapter_state(aux)], [], 0
+    out_dir = Path(out_dir) if out_dir is not None else None
+    ck = Checkpointer(out_dir/".state", keep=1) if out_dir is not None else None
+    if ck is not None and (r := ck.resume({"aux": view}, {"opt": opt})) is not None:
+        start, losses = r["step"] + 1, r["extra"]["losses"]
+        states = [load_tensors(out_dir/f"node-{i:03d}"/"adapter.safetensors") for i in range(start // every + 1)]
+    elif ck is not None: (out_dir/"node-000").mkdir(parents=True, exist_ok=True); save_tensors(out_dir/"node-000"/"adapter.safetensors", states[0])
+    for step in progress(range(start, n_nodes * every), desc="degradation path (LoRA)"):
+        if crash_at is not None and step == crash_at: raise SimulatedCrash(f"simulated crash at degradation step {step}")
+        loss = _degradation_step(aux, g0, opt, step_generator(seed, step), batch_size, t_star, t_range, autocast)
+        losses.append(check_finite(loss, step))
+        if (step + 1) % every == 0:
+            states.append(adapter_state(aux))
+            if ck is not None:
+                d = out_dir/f"node-{len(states)-1:03d}"; d.mkdir(exist_ok=True); save_tensors(d/"adapter.safetensors", states[-1])
+                ck.save(step, {"aux": view}, {"opt": opt}, extra={"losses": losses})
+    meta = dict(n_nodes=n_nodes, every=every, lr=lr, batch_size=batch_size, t_star=t_star, seed=seed, losses=losses)
+    path = LoRADegradationPath(teacher, states, rank, alpha, targets, meta)
+    if out_dir is not None: path.save(out_dir)
+    return path
+
+# %% ../nbs/21_disback_full.ipynb #5043eeae
+@benchmark("disback", "lora_path", "degradation path as LoRA adapters vs full copies: node storage and stage-1 training memory (tiny, DDPM CIFAR-10 real size; SD1.5 counted)")
+def lora_path_bench(rank:int=8,              # the adapters' rank (path_lora_rank)
+                    n_nodes:int=10,          # N (ddpm_cifar10.yaml's): the path stores N + 1 nodes
+                    batch_size:int=2)->dict: # samples of the one measured degradation step
+    "Per architecture: bytes of one node and of the whole path, and stage 1's training memory, LoRA vs full copy (ratios LoRA / full)."
+    from diffusers import UNet2DModel
+    from distill_nb.diffusion import train_memory
+    from distill_nb.plan import DDPM_CIFAR10, SD15_UNET
+    nbytes = lambda d: sum(v.numel() * v.element_size() for v in d.values()); out = {}
+    for name, build in (("tiny", lambda: tiny_unet(8)), ("ddpm_cifar10", lambda: (torch.manual_seed(0), UNet2DModel(**DDPM_CIFAR10))[1])):
+        t = frozen_copy(build()); mem = {}
+        for kind in ("full", "lora"):
+            aux = copy.deepcopy(t).train().requires_grad_(True) if kind == "full" else lora_score_model(t, rank).train()
+            opt = torch.optim.Adam([q for q in aux.parameters() if q.requires_grad], lr=1e-5)
+            _degradation_step(aux, t, opt, step_generator(0, 0), batch_size, 399, (0, 1000), contextlib.nullcontext)
+            mem[kind] = {**train_memory(aux, opt, t), "node_bytes": nbytes(adapter_state(aux) if kind == "lora" else aux.state_dict())}
+            del aux, opt
+        out[name] = {"params": sum(q.numel() for q in t.parameters()), **mem,
+                     "node_ratio": round(mem["lora"]["node_bytes"] / mem["full"]["node_bytes"], 4),
+                     "path_GB": {k: round((n_nodes + 1) * mem[k]["node_bytes"] / 1e9, 3) for k in mem},
+                     "train_memory_ratio": round(mem["lora"]["total"] / mem["full"]["total"], 4)}
+    with torch.device("meta"): u = UNet2DConditionModel(**SD15_UNET); m = lora_score_model(u, rank)
+    n, l = sum(q.numel() for q in u.parameters()), sum(q.numel() for q in m.parameters() if q.requires_grad)
+    out["sd15_counted"] = {"params": n, "lora_params": l, "node_ratio": round(l / n, 4),
+                           "path_GB": {"full": round((n_nodes + 1) * 4 * n / 1e9, 1), "lora": round((n_nodes + 1) * 4 * l / 1e9, 2)}}
+    return out
+
+# %% ../nbs/21_disback_full.ipynb #8156ba51
+def stage_one_path(cfg:DisBackFullConfig, teacher:nn.Module, rec_range:tuple, root:Path, autocast=None)->DegradationPath:
+    "Stage 1: the saved path under `root` if there is one (of the kind `path_lora_rank` asks for), else record it there."
+    if cfg.path_lora_rank < 0: raise ConfigError(f"path_lora_rank {cfg.path_lora_rank}: set 0 (full copies) or a LoRA rank >= 1")
+    if (root/"path.json").exists():
+        if cfg.path_lora_rank: path = LoRADegradationPath.load(root, teacher)
+        elif "lora" in json.loads((root/"path.json").read_text()):
+            raise ConfigError(f"{root} holds a LoRA path, but path_lora_rank is 0; set path_lora_rank to its rank, or use a new --out")
+        else: path = DegradationPath.load(root, type(teacher))
+        attach_captions(path.template, getattr(teacher, "_prompts", None)); return path
+    kw = dict(out_dir=root, autocast=autocast)
+    if cfg.path_lora_rank: return record_lora_degradation(teacher, teacher, cfg.n_nodes, cfg.path_every, cfg.path_lr, cfg.path_batch_size,
+                                                          cfg.t_star, cfg.seed, rec_range, rank=cfg.path_lora_rank, **kw)
+    return record_degradation(teacher, teacher, cfg.n_nodes, cfg.path_every, cfg.path_lr, cfg.path_batch_size, cfg.t_star, cfg.seed, rec_range, **kw)
+
 # %% ../nbs/21_disback_full.ipynb #f494629f
 @launcher("disback", DisBackFullConfig)
 def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
@@ -350,12 +549,10 @@ def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
     path = None
     if cfg.mode != "baseline":
         with acc.main_process_first():                   # the main process records; the others then read the saved path
-            if (out/"path"/"path.json").exists():
-                path = DegradationPath.load(out/"path", type(teacher)); attach_captions(path.template, getattr(teacher, "_prompts", None))
-            else: path = record_degradation(teacher, teacher, cfg.n_nodes, cfg.path_every, cfg.path_lr, cfg.path_batch_size,
-                                            cfg.t_star, cfg.seed, rec_range, out_dir=out/"path", autocast=acc.autocast)
+            path = stage_one_path(cfg, teacher, rec_range, out/"path", acc.autocast)
     sd = ScoreDistiller(teacher, path, cfg.mode, cfg.switch, cfg.K, cfg.patience, 0.01, cfg.max_per_node, cfg.lr_g, cfg.lr_f,
                         cfg.ratio, cfg.batch_size, cfg.t_star, t_range, cfg.seed, max_grad_norm=cfg.max_grad_norm)
+    with_guidance(sd.target, cfg.real_guidance)          # CFG on the target alone; the generator and fake score stay unguided
     if cfg.gradient_checkpointing:
         for m in (sd.gen, sd.fake):
             if getattr(m, "_supports_gradient_checkpointing", False): m.enable_gradient_checkpointing()
@@ -376,7 +573,8 @@ def disback_full(cfg:DisBackFullConfig, out:Path)->dict:
                "final_index": sd.index, "path_nodes": None if path is None else len(path), "mode": cfg.mode,
                "curve": CURVE_FILE if cfg.eval_every else None, "path_steps": path_steps, "per_device_batch": micro,
                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": str(acc.mixed_precision),
-               "teacher": "sd" if captions is not None else "unet2d", "t_range": list(t_range)}
+               "teacher": "sd" if captions is not None else "unet2d", "t_range": list(t_range), "real_guidance": cfg.real_guidance,
+               "path_lora_rank": cfg.path_lora_rank}
     if acc.is_main_process:
         save_run(sd, out/"final")
         if captions is not None: save_sd_generator(sd, out/"final")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 # %% auto #0
-__all__ = ['GLUE_METRIC', 'GlueDistillConfig', 'ModelMissingError', 'glue_metrics', 'glue_score', 'GlueData', 'glue_data',
-           'glue_teacher', 'glue_predict', 'glue_evaluate', 'TeacherCheckError', 'check_teacher', 'glue_distill',
-           'write_synthetic_glue']
+__all__ = ['GLUE_METRIC', 'RANDOM_ARCHS', 'GlueDistillConfig', 'ModelMissingError', 'glue_metrics', 'glue_score', 'GlueData',
+           'glue_data', 'random_bert_config', 'glue_teacher', 'glue_predict', 'glue_evaluate', 'TeacherCheckError',
+           'check_teacher', 'glue_distill', 'write_synthetic_glue']
 
 # %% ../nbs/11_distiller_full.ipynb #42a00b1a
 import numpy as np
@@ -32,8 +32,8 @@ class GlueDistillConfig(Config):
     "Full-scale Distiller run on one GLUE task."
     task: str = "SST-2"
     data_root: str = ""                # holds GLUE/<task>/; default $DISTILL_NB_FULL_DATA
-    teacher: str = ""                  # folder of a BERT-base fine-tuned on the task (HF format), or 'random'
-    student: str = ""                  # folder of TinyBERT_General_4L_312D (HF format), or 'random'
+    teacher: str = ""                  # folder of a BERT-base fine-tuned on the task (HF format), 'random', or 'random:bert-base'
+    student: str = ""                  # folder of TinyBERT_General_4L_312D (HF format), 'random', or 'random:tinybert-4l-312'
     tokenizer: str = ""                # folder; default: the teacher's; 'minilm': the bundled MiniLM tokenizer
     teacher_layers: int = 2            # sizes of 'random' models
     teacher_hidden: int = 64
@@ -176,14 +176,26 @@ class _StudentWithLoss(nn.Module):
         return loss
 
 
+# %% ../nbs/11_distiller_full.ipynb #c4563457
+RANDOM_ARCHS = {   # 'random:<name>': the real architectures with random weights (CPU checks at real size; nothing is downloaded)
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),       # bert-base-uncased
+    "tinybert-4l-312": dict(hidden_size=312, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1200), # TinyBERT_General_4L_312D
+}
+
+def random_bert_config(spec:str, vocab:int, layers:int, hidden:int, num_labels:int):
+    "The `BertConfig` of a 'random' model: `layers` × `hidden` (heads of 32), or a named real architecture ('random:bert-base')."
+    from transformers import BertConfig
+    name = spec.partition(":")[2]
+    if name and name not in RANDOM_ARCHS: raise ConfigError(f"{spec!r}: unknown architecture; use 'random' or one of " + ", ".join(f"'random:{k}'" for k in RANDOM_ARCHS))
+    kw = RANDOM_ARCHS[name] if name else dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32), intermediate_size=4 * hidden)
+    return BertConfig(vocab_size=vocab, max_position_embeddings=512, num_labels=num_labels, **kw)
+
 # %% ../nbs/11_distiller_full.ipynb #g1000013
 def _bert(kind:str, path:str, num_labels:int, vocab:int, layers:int, hidden:int, seed:int):
     from transformers import BertConfig, BertForSequenceClassification
     seed_everything(seed)   # first: a random model, or a pretrained body whose new classifier head is random
-    if path == "random":
-        c = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                       intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=num_labels)
-        return BertForSequenceClassification(c)
+    if path == "random" or path.startswith("random:"):
+        return BertForSequenceClassification(random_bert_config(path, vocab, layers, hidden, num_labels))
     hint = ("download it on a machine with internet access (e.g. huawei-noah/TinyBERT_General_4L_312D) and copy the folder"
             if kind == "student" else "fine-tune bert-base-uncased on the task first, or point `teacher` to bert-base-uncased "
             "and set teacher_finetune_steps > 0")

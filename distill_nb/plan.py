@@ -281,11 +281,10 @@ def distiller_phases(cfg)->list[Phase]:
     from transformers import BertConfig, BertForSequenceClassification
     from distill_nb.data import GLUE_TASKS
     from distill_nb.distiller import DistillerLoss
-    from distill_nb.distiller_full import _StudentWithLoss
+    from distill_nb.distiller_full import _StudentWithLoss, random_bert_config
     names = GLUE_TASKS.get(cfg.task, {}).get("labels", ["a", "b"]); k = len(names) if names else 1
     def conf(path, layers, hidden, default):
-        if path == "random": return BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                                               intermediate_size=4 * hidden, num_labels=k), "random"
+        if path == "random" or path.startswith("random:"): return random_bert_config(path, 30522, layers, hidden, k), path
         c, src = _hf_config(path, default); c.num_labels = k
         return c, src or "absent: built as " + ("BERT-base" if default.hidden_size == 768 else "TinyBERT-4L-312D")
     tc, t_src = conf(cfg.teacher, cfg.teacher_layers, cfg.teacher_hidden, BertConfig())
@@ -335,7 +334,7 @@ def disback_phases(cfg)->list[Phase]:
     def shape(m, b):
         c = m.config; s = c.sample_size; s = (s, s) if isinstance(s, int) else tuple(s); return (b, c.in_channels, *s)
     def path_step(m, b):
-        z = torch.zeros(shape(m["teacher"], b))
+        z = torch.zeros(shape(m["g0"], b))
         with torch.no_grad(): x0 = one_step(m["g0"], z, cfg.t_star)
         fake_score_loss(m["aux"], x0.float(), torch.full((b,), 500), torch.zeros_like(z)).backward()
     def distill_step(m, b):
@@ -356,10 +355,20 @@ def disback_phases(cfg)->list[Phase]:
             if ckpt: aux.enable_gradient_checkpointing()
             return {"teacher": _frozen(unet()), "g0": _frozen(unet()), "aux": aux, **extra()}
         return f
-    out = []
+    def lora_path_mods(rank, ckpt=False):    # the auxiliary model as a LoRA whose frozen base is the teacher (counted once)
+        def f():
+            from distill_nb.diffusion import lora_score_model
+            aux = lora_score_model(unet(), rank)
+            if ckpt and hasattr(aux, "enable_gradient_checkpointing"): aux.enable_gradient_checkpointing()
+            return {"g0": _frozen(unet()), "aux": aux, **extra()}
+        return f
+    out, r = [], getattr(cfg, "path_lora_rank", 0)
     if cfg.mode != "baseline":
-        out.append(Phase("degradation path", path_mods(), "adam", cfg.path_batch_size, distributed=False, acts=[Act(path_step, scale)],
-                         ckpt_acts=[Act(path_step, scale, modules=path_mods(True))], note=f"main process; teacher {src}"))
+        pm = (lambda ck=False: lora_path_mods(r, ck)) if r else path_mods
+        out.append(Phase("degradation path", pm(), "adam", cfg.path_batch_size, distributed=False, acts=[Act(path_step, scale)],
+                         ckpt_acts=[Act(path_step, scale, modules=pm(True))], lora=None if r else lora_path_mods(8),
+                         note=f"main process; teacher {src}" + (f"; the auxiliary model is a rank-{r} LoRA on the frozen teacher (path_lora_rank)"
+                                                                 if r else "; the auxiliary model is a full copy (path_lora_rank: 0)")))
     ck = cfg.gradient_checkpointing
     out.append(Phase("distillation", mods(ck), "adam", cfg.batch_size, acts=[Act(distill_step, scale)], checkpointing=ck,
                      ckpt_acts=None if ck else [Act(distill_step, scale, modules=mods(True))],

@@ -253,3 +253,20 @@ def test_sd_missing_base_model_is_refused_before_compute(tmp_path, capsys, monke
     assert e.value.code == 2 and err.startswith(f"error: base_model {tmp_path}/sd15 is not a diffusers sd15 pipeline folder: missing model_index.json"), err
     assert err.count("\n") == 1 and "save_pretrained" in err                             # one line, naming the fix
     assert not list((tmp_path/"o").rglob("*")) and not (tmp_path/"home").exists()
+
+def test_lora_path_two_processes_match_one_process(ref_run, tmp_path):
+    "path_lora_rank under 2 processes: rank 0 records the adapters, rank 1 reads them; the run equals a 1-process run accumulating 2 (to rounding)."
+    from distill_nb.disback_full import read_curve
+    runs = {}
+    for n, sets in ((2, []), (1, ["gradient_accumulation_steps=2"])):
+        r = run_launch("disback", TINY, tmp_path/f"p{n}", n, ["path_lora_rank=2", *sets], home=ref_run.parent/"home")
+        assert r.returncode == 0, r.stderr[-3000:]; runs[n] = tmp_path/f"p{n}"
+    info = json.loads((runs[2]/"path"/"path.json").read_text())
+    assert info["lora"]["rank"] == 2 and sorted(p.name for p in (runs[2]/"path"/"node-002").iterdir()) == ["adapter.safetensors"]
+    a, b = (load_file(runs[n]/"path"/"node-002"/"adapter.safetensors") for n in (2, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)        # stage 1 runs on one process either way
+    two, one = read_curve(runs[2]), read_curve(runs[1])
+    assert [r["target"] for r in two] == [r["target"] for r in one] and len({r["value"] for r in two}) > 1
+    assert all(math.isclose(x["value"], y["value"], rel_tol=1e-5) for x, y in zip(one, two))
+    full = read_curve(ref_run)                                                      # the LoRA path is another path: the targets differ
+    assert [r["target"] for r in full] == [r["target"] for r in two] and two[1]["value"] != full[1]["value"]
