@@ -9,16 +9,17 @@ from typing import Literal
 
 # %% auto #0
 __all__ = ['Mode', 'RING_TEACHER', 'DIGITS_TEACHER', 'DIGITS_CLASSIFIER', 'RING_V2', 'PATH_PROFILE_STEPS', 'CLAIM', 'PAPER_SPEED',
-           'DIGITS_V2', 'SWEEP_V2', 'sample_shape', 'frozen_copy', 'check_pair', 'DegradationPath', 'SimulatedCrash',
-           'record_degradation', 'FixedSwitch', 'AdaptiveSwitch', 'target_schedule', 'ScoreDistiller', 'distill',
-           'ring_teacher', 'digits_teacher', 'digits_classifier', 'sample_teacher', 'ring_eval', 'digits_eval',
-           'path_profile', 'fake_init_losses', 'iters_to_reach', 'curve_auc', 'speed', 'path_iterations',
+           'RING_G0', 'DIGITS_V2', 'SWEEP_V2', 'sample_shape', 'frozen_copy', 'check_pair', 'DegradationPath',
+           'SimulatedCrash', 'record_degradation', 'FixedSwitch', 'AdaptiveSwitch', 'target_schedule', 'ScoreDistiller',
+           'distill', 'ring_teacher', 'digits_teacher', 'digits_classifier', 'sample_teacher', 'ring_eval',
+           'digits_eval', 'path_profile', 'fake_init_losses', 'iters_to_reach', 'curve_auc', 'speed', 'path_iterations',
            'seed_teacher', 'seed_distill', 'ring_seed_run', 'image_grid', 'ring_path_experiment', 'fake_loss_windows',
            'charged', 'smoothed', 'window_mean', 'seed_speed', 'arm_speed', 'convergence_checks', 'convergence_figure',
-           'seeded_convergence', 'convergence_summary', 'ring_convergence_experiment', 'digits_seed_teacher',
-           'digits_path_profile', 'digits_seed_run', 'digits_overshoot_figure', 'digits_overshoot',
-           'digits_convergence_experiment', 'initial_direction_cos', 'mechanism_experiment', 'sweep_cfg',
-           'digits_sweep_experiment', 'save_run', 'load_pipeline', 'one_step_benchmark']
+           'seeded_convergence', 'convergence_summary', 'ring_convergence_experiment', 'untrained_g0',
+           'ring_g0_seed_run', 'ring_untrained_g0_experiment', 'digits_seed_teacher', 'digits_path_profile',
+           'digits_seed_run', 'digits_overshoot_figure', 'digits_overshoot', 'digits_convergence_experiment',
+           'initial_direction_cos', 'mechanism_experiment', 'sweep_cfg', 'digits_sweep_experiment', 'save_run',
+           'load_pipeline', 'one_step_benchmark']
 
 # %% ../nbs/20_disback.ipynb #8a1d0a94
 import numpy as np
@@ -507,11 +508,11 @@ def seed_teacher(seed:int, steps:int|None=None)->EpsMLP:
     "The ring teacher of `seed`: `RING_TEACHER` trained with that seed (`steps` shortens it, for tests)."
     return ring_teacher(dict(RING_TEACHER, seed=seed, **({} if steps is None else {"steps": steps})))
 
-def seed_distill(t:nn.Module, seed:int, mode:Mode, cfg:dict, eval_fn, on_path=None)->dict:
-    "Distil teacher `t` (G⁰: its copy) with `mode` under the bed config `cfg`; the seed sets the path and every draw. `on_path(path)` adds entries."
-    path = None if mode == "baseline" else record_degradation(t, t, seed=seed, **cfg["path"])
+def seed_distill(t:nn.Module, seed:int, mode:Mode, cfg:dict, eval_fn, on_path=None, g0:nn.Module|None=None)->dict:
+    "Distil teacher `t` (G⁰: `g0`, default the teacher's copy) with `mode` under the bed config `cfg`; the seed sets the path and every draw. `on_path(path)` adds entries."
+    path = None if mode == "baseline" else record_degradation(t, t if g0 is None else g0, seed=seed, **cfg["path"])
     extra = on_path(path) if (on_path is not None and path is not None) else {}
-    t0 = time.time(); sd = ScoreDistiller(t, path, mode, seed=seed, **{k: v for k, v in cfg.items() if k not in _RUN_KEYS})
+    t0 = time.time(); sd = ScoreDistiller(t, path, mode, seed=seed, generator=g0, **{k: v for k, v in cfg.items() if k not in _RUN_KEYS})
     h = distill(sd, cfg["iters"], eval_fn, cfg["eval_every"])
     return {"curve": h["curve"], "target": h["target"], "fake": [round(float(x), 6) for x in h["fake"][:100]],
             "wall_s": round(time.time() - t0, 2), **extra}
@@ -745,6 +746,33 @@ def ring_convergence_experiment(scale:str="extended", seeds:list[int]|None=None,
         protocol=pro, protocol_hash=config_hash(pro), summary=summary, paper_summary=PAPER_SPEED, table=table,
         config=cfg | {"teacher": RING_TEACHER | {"seed": "= seed"}, "pilot_seeds": pilot_seeds, "eval": "4000 samples, noise seed 10000 + seed, ring points seed 20000 + seed"},
         figs={"curves": convergence_figure(runs, cfg, m, "ring: one-step generator quality")})
+
+# %% ../nbs/20_disback.ipynb #3d2a512d
+RING_G0 = dict(RING_V2, lr_g=1e-4)   # ring_untrained_g0's bed: RING_V2 with the generator's learning rate of its protocol
+
+def untrained_g0(t:nn.Module, seed:int)->nn.Module:
+    "G⁰ as the abstract has it: a network of the teacher's architecture with random weights (torch seed 50 000 + `seed`)."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(50_000 + seed); return type(t).from_config(t.config).eval()
+
+def ring_g0_seed_run(args:tuple)->dict:
+    "`ring_seed_run` with G⁰ the seed's untrained generator: the seed sets the teacher, G⁰'s weights, the path, every draw and the evaluation noise."
+    seed, mode, cfg = args; t = seed_teacher(seed, cfg.get("teacher_steps"))
+    return seed_distill(t, seed, mode, cfg, ring_eval(seed=10_000 + seed, data_seed=20_000 + seed), g0=untrained_g0(t, seed))
+
+@experiment("disback", "ring_untrained_g0", "D1 with the abstract's G0 (an untrained student generator) on the 2-D ring: baseline vs DisBack vs fake-init",
+            min_seeds=2, tiers=("extended",))
+def ring_untrained_g0_experiment(scale:str="extended", seeds:list[int]|None=None, pilot_seeds:list[int]|None=None, **kw)->Record:
+    "`ring_convergence`'s design with G⁰ untrained (`untrained_g0`), as pre-registered (`kw` overrides RING_G0)."
+    pro, cfg = protocol("disback", "ring_untrained_g0", scale=scale), {**RING_G0, **kw}
+    seeds, pilot_seeds = list(seeds or pro["seeds"]), list(pilot_seeds if pilot_seeds is not None else pro["pilot_seeds"])
+    runs, checks, m = seeded_convergence("ring G0", ring_g0_seed_run, cfg, pro, seeds, pilot_seeds, ("baseline", "disback", "fake_init"))
+    summary, table = convergence_summary(m, checks, cfg, seeds)
+    return Record("disback", "ring_untrained_g0", claim=CLAIM + " Here G⁰ is an untrained student generator, as in the abstract.", metrics=m,
+        checks=checks, seeds=seeds, scale=scale, protocol=pro, protocol_hash=config_hash(pro), summary=summary, paper_summary=PAPER_SPEED, table=table,
+        config=cfg | {"teacher": RING_TEACHER | {"seed": "= seed"}, "g0": "the teacher's architecture, random weights (torch seed 50000 + seed)",
+                      "pilot_seeds": pilot_seeds, "eval": "4000 samples, noise seed 10000 + seed, ring points seed 20000 + seed"},
+        figs={"curves": convergence_figure(runs, cfg, m, "ring, untrained G⁰: one-step generator quality")})
 
 # %% ../nbs/20_disback.ipynb #10998df0
 DIGITS_V2 = dict(iters=500, eval_every=20, lr_g=1e-4, lr_f=1e-4, ratio=5, batch_size=64, K=5, switch="fixed",
