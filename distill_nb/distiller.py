@@ -10,19 +10,20 @@ from typing import Literal, Sequence
 # %% auto #0
 __all__ = ['MAPPINGS', 'INTERMEDIATE', 'KD_LOSSES', 'AUGMENTERS', 'E1_ALPHAS', 'E1_MIS', 'TEACHER_LAYERS', 'STUDENTS', 'E2_ARMS',
            'E2_CI_ARMS', 'E2_PAPER', 'AUTHORS_ETA2', 'GRID_LEVELS', 'GRID_CELLS', 'E3_AUG', 'E3_CELLS',
-           'E3_CONTROL_ARMS', 'E4_INTER', 'E4_CONFIGS', 'log_loomean', 'log_loomean_masked', 'log_loomean_naive',
-           'logmeanexp_nodiag', 'interpolated_bound', 'mi_alpha_cap', 'infonce_bound', 'tuba_bound', 'nwj_bound',
-           'SeparableCritic', 'MLPBaseline', 'sinusoidal_encoding', 'TransformerCritic', 'MIAlphaLoss', 'layer_mapping',
-           'emd_flow', 'DistillerPipeline', 'DistillerLoss', 'random_swap', 'random_delete', 'synonym_replace',
-           'TextAugmenter', 'augment_texts', 'teacher_relabel', 'mixup_params', 'mix_embeddings', 'mixup_inputs',
-           'check_labels', 'rho_for_mi', 'gaussian_pair', 'train_mi_estimator', 'e1_mi_alpha', 'tweet_task', 'encode',
-           'linear_warmup', 'TweetTeacherConfig', 'tweet_teacher', 'masked_mean', 'teacher_outputs', 'target_variation',
-           'bert_student', 'eval_accuracy', 'compact_vocab', 'mix_seed', 'mixed_teacher_batches',
-           'mixed_teacher_outputs', 'distill_bert', 'e2_runs', 'e2_objectives', 'grid_pipeline', 'cell_name',
-           'grid_runs', 'grid_eta2', 'grid_effects', 'e2_factor_grid', 'augmented_teacher_logits', 'e3_runs',
-           'e3_augmentation', 'e3_control_runs', 'e3_step_matched', 'MLPNet', 'meta_tasks', 'config_features',
-           'mlp_teacher', 'mlp_distill', 'meta_dataset', 'autodistiller_loto', 'mean_meta_dataset', 'e4_kept',
-           'task_preference', 'e4_autodistiller', 'distiller_benchmark', 'show_distiller_results', 'factor_shares']
+           'E3_CONTROL_ARMS', 'E3_SIZE_CELLS', 'E4_INTER', 'E4_CONFIGS', 'log_loomean', 'log_loomean_masked',
+           'log_loomean_naive', 'logmeanexp_nodiag', 'interpolated_bound', 'mi_alpha_cap', 'infonce_bound',
+           'tuba_bound', 'nwj_bound', 'SeparableCritic', 'MLPBaseline', 'sinusoidal_encoding', 'TransformerCritic',
+           'MIAlphaLoss', 'layer_mapping', 'emd_flow', 'DistillerPipeline', 'DistillerLoss', 'random_swap',
+           'random_delete', 'synonym_replace', 'TextAugmenter', 'augment_texts', 'teacher_relabel', 'mixup_params',
+           'mix_embeddings', 'mixup_inputs', 'check_labels', 'rho_for_mi', 'gaussian_pair', 'train_mi_estimator',
+           'e1_mi_alpha', 'tweet_task', 'encode', 'linear_warmup', 'TweetTeacherConfig', 'tweet_teacher', 'masked_mean',
+           'teacher_outputs', 'target_variation', 'bert_student', 'eval_accuracy', 'compact_vocab', 'mix_seed',
+           'mixed_teacher_batches', 'mixed_teacher_outputs', 'distill_bert', 'e2_runs', 'e2_objectives',
+           'grid_pipeline', 'cell_name', 'grid_runs', 'grid_eta2', 'grid_effects', 'e2_factor_grid',
+           'augmented_teacher_logits', 'e3_runs', 'e3_augmentation', 'e3_control_runs', 'e3_step_matched',
+           'e3_student_size', 'MLPNet', 'meta_tasks', 'config_features', 'mlp_teacher', 'mlp_distill', 'meta_dataset',
+           'autodistiller_loto', 'mean_meta_dataset', 'e4_kept', 'task_preference', 'e4_autodistiller',
+           'distiller_benchmark', 'show_distiller_results', 'factor_shares']
 
 # %% ../nbs/10_distiller.ipynb #7e786418
 import numpy as np
@@ -1194,6 +1195,52 @@ def e3_step_matched(scale:str="extended", seeds:list[int]|None=None, pilot_seeds
         paper_summary="no step-matched control in the paper; finding 3: CoLA gain +15.1 (BERT-mini) … +4.3 (TinyBERT-6)",
         config={"cell": [st, n], "epochs": epochs, "batch_size": 32, "lr": lr, "kd": "ce, T=1, logits only", **E3_AUG, "pilot_seeds": pilot_seeds},
         table=table, scale=scale, figs={"arms": _e2_figure(acc, t_acc, majority, f"{st}, n={n}, {len(seeds)} paired seeds")})
+
+# %% ../nbs/10_distiller.ipynb #991d36ab
+E3_SIZE_CELLS = (("L2-H128", 250), ("L4-H256", 250))   # (student, n_train): the smaller student first
+
+def _e3_size_checks(gain:dict, pro:dict, lowest:float, majority:float, finite:bool)->dict:
+    "The student-size claims (the difference of gains, primary; the larger student's own gain), a guard and two power gates."
+    (small, n), (big, _) = E3_SIZE_CELLS; a = pro["alpha"]; zero = [0.0] * len(gain[(big, n)])
+    return {
+        f"gain({small}) > gain({big}) (n={n})": claim_test(sign_flip_test(gain[(small, n)], gain[(big, n)], alpha=a), True, unit="points",
+                                                           note="the copies help the smaller student more"),
+        f"aug > no aug ({big}, n={n})": claim_test(sign_flip_test(gain[(big, n)], zero, alpha=a), unit="points", note="the copies help the larger student too"),
+        "every loss is finite": guard(finite, "over every step of every run"),
+        "no run collapses to the majority class": power_gate(lowest, majority + 1.0, unit="%", note="every cell, arm and seed learns beyond the majority rate + 1 point"),
+        "min. detectable effect": seeds_gate(float(pro["pilot_sd"]), len(zero), pro["sesoi"], a, pro["power"], unit="points"),
+    }
+
+@experiment("distiller", "e3_student_size", "E3's student-size half: the copies' gain for L2-H128 vs L4-H256 at n=250, paired seeds",
+            ci=False, min_seeds=2, tiers=("extended",))   # 13 seeds x 4 runs: about 25 minutes on 2 cores
+def e3_student_size(scale:str="extended", seeds:list[int]|None=None, epochs:int|None=None, lr:float=5e-4)->Record:
+    "Finding 3's student-size half: is the gain from teacher-relabelled copies larger for the smaller student?"
+    pro = protocol("distiller", "e3_student_size", scale=scale); cpu0 = time.process_time()
+    seeds, epochs = list(seeds if seeds is not None else pro["seeds"]), epochs or pro["epochs"]
+    runs = e3_runs(E3_SIZE_CELLS, seeds, epochs, lr); gain = _e3_gains(runs, E3_SIZE_CELLS)
+    _, _, test, _ = _e3_data(max(n for _, n in E3_SIZE_CELLS))
+    majority = 100 * max(test[2].float().mean().item(), 1 - test[2].float().mean().item())
+    lowest = min(r["acc"] for v in runs.values() for r in v); finite = all(r["finite"] for v in runs.values() for r in v)
+    checks = _e3_size_checks(gain, pro, lowest, majority, finite); p = next(iter(checks.values()))
+    acc = {f"{st} n={n} {'aug' if a else 'no aug'}": [r["acc"] for r in v] for (st, n, a), v in runs.items()}
+    ms = lambda v: f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
+    table = [{"student": st, "n_train": n, "no aug (%)": ms(acc[f"{st} n={n} no aug"]), "aug (%)": ms(acc[f"{st} n={n} aug"]),
+              "gain (points)": f"{np.mean(gain[(st, n)]):+.2f}", "steps no aug / aug": f"{runs[(st, n, False)][0]['steps']} / {runs[(st, n, True)][0]['steps']}"}
+             for st, n in E3_SIZE_CELLS]
+    return Record("distiller", "e3_student_size",
+        claim="Data augmentation provides a large boost for small student networks (finding 3, its student-size half).",
+        metrics={"acc": acc, "gain": {st: g for (st, _), g in gain.items()}, "majority_acc": majority, "cpu_s": round(time.process_time() - cpu0, 1)},
+        checks=checks, seeds=seeds, protocol=pro, protocol_hash=config_hash(pro),
+        summary=("gain from the copies at n=250: " + ", ".join(f"{st} {np.mean(g):+.2f}" for (st, _), g in gain.items())
+                 + f"; smaller − larger {p.effect:+.2f} [{p.lo:+.2f}, {p.hi:+.2f}], p = {p.p:.3g}, {len(seeds)} seeds, {epochs} epochs"),
+        paper_numbers={"authors' log [data], best with any augmenter vs none (runs)": {
+            "CoLA BERT-mini": [0.3520, 0.2009], "CoLA BERT-small": [0.4567, 0.4314], "CoLA BERT-medium": [0.5314, 0.4830], "CoLA TinyBERT-6": [0.5478, 0.5046],
+            "RTE BERT-mini": [0.6606, 0.6101], "RTE BERT-small": [0.6715, 0.6354], "RTE BERT-medium": [0.6895, 0.6498], "RTE TinyBERT-6": [0.7581, 0.7545]},
+            "note": "unequal run counts (5-6 with vs 1 without); indicative only"},
+        paper_summary="authors' log [data]: CoLA gain +15.1 (BERT-mini) … +4.3 (TinyBERT-6); RTE +5.1 … +0.4: largest for small students",
+        config={"cells": [list(c) for c in E3_SIZE_CELLS], "epochs": epochs, "batch_size": 32, "lr": lr, "kd": "ce, T=1, logits only", **E3_AUG,
+                "students": {st: list(STUDENTS[st]) for st, _ in E3_SIZE_CELLS}},
+        table=table, scale=scale, figs={"gain": _e3_figure(gain, f"tweets, n=250, {epochs} epochs, {len(seeds)} paired seeds")})
 
 # %% ../nbs/10_distiller.ipynb #b74903b6
 class MLPNet(nn.Module):
