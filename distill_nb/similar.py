@@ -7,8 +7,8 @@ import dataclasses, functools, math, time
 from typing import Literal, Sequence
 
 # %% auto #0
-__all__ = ['TARGETS', 'SOURCES', 'EXTRA_SOURCES', 'SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS', 'SCALES',
-           'ARM_NAMES', 'check_target', 'TargetTask', 'make_target', 'SmallCNN', 'Source', 'SourceConfig',
+__all__ = ['TARGETS', 'SOURCES', 'EXTRA_SOURCES', 'LITE0_SIZES', 'SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS',
+           'SCALES', 'ARM_NAMES', 'check_target', 'TargetTask', 'make_target', 'SmallCNN', 'Source', 'SourceConfig',
            'train_source', 'mnist_source', 'get_source', 'sources_for', 'source_own_acc', 'lite0_source',
            'SourceFeatures', 'source_features', 'knn_loo', 'ncc_loo', 'logme_evidence', 'logme', 'leep', 'nce', 'emd',
            'domain_similarity', 'similarity', 'Probe', 'linear_probe', 'probe_teacher', 'source_weights', 'TargetNet',
@@ -163,8 +163,10 @@ def mnist_source()->Source:
 # domain is 'mnist', so OpenCV digits can be one of its targets.
 SOURCES = {"mnist": ("mnist", []), "fashion_a": ("fashion", [0, 1, 2, 3, 4]), "fashion_b": ("fashion", [5, 6, 7, 8, 9]),
            "animal_a": ("animal", [0, 1, 2, 3, 4]), "animal_b": ("animal", [5, 6, 7, 8, 9])}
-# opt-in sources (a pool names them: the quick grid does, the CI grid and the unit tests do not): the real ImageNet model
-EXTRA_SOURCES = {"lite0": ("imagenet", [])}
+# opt-in sources (a pool names them: the extended grid does, the CI grid and the unit tests do not): the real ImageNet
+# model, on the image resized to 112 px (v3's pool) or to 224 px, the resolution it was trained at (v4's pool)
+EXTRA_SOURCES = {"lite0": ("imagenet", []), "lite0_224": ("imagenet", [])}
+LITE0_SIZES = {"lite0": 112, "lite0_224": 224}
 SOURCE_DOMAINS = {s: d for s, (d, _) in {**SOURCES, **EXTRA_SOURCES}.items()}
 
 @functools.lru_cache(maxsize=None)
@@ -172,7 +174,7 @@ def get_source(name:str, steps:int=200)->Source:
     "One source of the quick-scale pool (`SOURCES`, `EXTRA_SOURCES`; in-repo ones trained for `steps`), cached in memory."
     if name not in SOURCE_DOMAINS: raise ValueError(f"unknown source {name!r}; valid: {', '.join(SOURCE_DOMAINS)}")
     if name == "mnist": return mnist_source()
-    if name == "lite0": return lite0_source()
+    if name in LITE0_SIZES: return lite0_source(LITE0_SIZES[name], name)
     d, cl = SOURCES[name]; return train_source(SourceConfig(domain=d, classes=list(cl), steps=steps), name)
 
 def sources_for(target:str, pool:Sequence[str]|None=None)->list[str]:
@@ -195,10 +197,10 @@ class _Lite0(nn.Module):
                           for i in range(0, len(x), 250)])
     def forward(self, x:Tensor)->Tensor: return self.head(self.features(x))
 
-def lite0_source(size:int=112)->Source:
+def lite0_source(size:int=112, name:str="lite0")->Source:
     "The real ImageNet EfficientNet-Lite0 as a source (the paper's kind of source); class 'means': its L2-normalised classifier rows."
     m = load_efficientnet_lite0().requires_grad_(False)      # no ImageNet image is on disk, so no class mean of features either
-    return Source("lite0", "imagenet", _Lite0(m, size).eval(), F.normalize(m._fc.weight.detach(), dim=1))
+    return Source(name, "imagenet", _Lite0(m, size).eval(), F.normalize(m._fc.weight.detach(), dim=1))
 
 # %% ../nbs/30_distill_similar.ipynb #8107a75e
 @dataclasses.dataclass
@@ -705,7 +707,7 @@ def run_grid(cfg:GridConfig)->dict:
     "The whole grid, final and pilot seeds (memoised per config, so both claims read the same runs); cells run in parallel."
     key = config_hash(cfg.to_dict())
     if key not in _GRIDS:
-        need = sorted({s for t in [*cfg.targets, *cfg.val_targets] for s in sources_for(t, cfg.pool)} - {"mnist", "lite0"})
+        need = sorted({s for t in [*cfg.targets, *cfg.val_targets] for s in sources_for(t, cfg.pool)} - {"mnist", *EXTRA_SOURCES})
         builds = [("source", s) for s in need] + [("generic", "")] + [("srcdata", t) for t in cfg.targets if "srcdata" in cfg.arms]
         run_parallel(functools.partial(_build, cfg=cfg), builds, desc="build")     # sources and inits, each once, cached on disk
         sel = choose_temperatures(cfg); Ts = {t: s["T"] for t, s in sel.items()}
