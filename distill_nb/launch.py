@@ -69,7 +69,12 @@ def make_accelerator(mixed_precision:str="no",       # "no", "bf16" (GPU or CPU)
                               f"main process alone, which cannot gather a sharded model); launch with DDP (an accelerate config "
                               f"without {name}) and fit memory with gradient_accumulation_steps, a LoRA or gradient checkpointing "
                               "(see `distill_nb plan`)")
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kw)
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kw)
+    if acc.is_main_process and os.environ.get("DISTILL_NB_PROGRESS") != "0":   # where the run is (a GPU user's first question), beside the bars
+        print(f"distill_nb: {acc.num_processes} process(es) on {acc.device.type}"
+              f"{' (' + torch.cuda.get_device_name(acc.device) + ')' if acc.device.type == 'cuda' else ''}, mixed precision "
+              f"{acc.mixed_precision}, {gradient_accumulation_steps} accumulation step(s)", file=sys.stderr)
+    return acc
 
 # %% ../nbs/07_launch.ipynb #e9a1c002
 def split_batch(global_batch:int,          # the config's batch_size: examples per optimisation step, all processes together

@@ -9,11 +9,11 @@ from typing import Callable
 
 # %% auto #0
 __all__ = ['GiB', 'OPT_STATES', 'DTYPE_BYTES', 'PLANNERS', 'DDPM_CIFAR10', 'SD15_UNET', 'SDXL_UNET', 'SD_VAE', 'CLIP_L_TEXT',
-           'CLIP_G_TEXT', 'CLIP_L_VISION', 'SD_SCHEDULER', 'DRY_RUNS', 'param_counts', 'memory', 'LiveBytes',
-           'measure_peak', 'materialize', 'Act', 'Phase', 'planner', 'activation_line', 'Row', 'plan_phase',
-           'find_knob', 'hinton_phases', 'distiller_phases', 'disback_phases', 'diswot_phases', 'similar_phases',
-           'hyper_sd_phases', 'load_config', 'plan', 'plan_table', 'plot_plan', 'randomize', 'dry_run_here', 'dry_run',
-           'dry_run_case', 'dry_run_table']
+           'CLIP_G_TEXT', 'CLIP_L_VISION', 'SD_SCHEDULER', 'DRY_RUNS', 'GPU_DRY_RUNS', 'param_counts', 'memory',
+           'LiveBytes', 'measure_peak', 'materialize', 'Act', 'Phase', 'planner', 'activation_line', 'Row',
+           'plan_phase', 'find_knob', 'hinton_phases', 'distiller_phases', 'disback_phases', 'diswot_phases',
+           'similar_phases', 'hyper_sd_phases', 'load_config', 'plan', 'plan_table', 'plot_plan', 'randomize',
+           'plan_dry', 'dry_run_here', 'dry_run', 'dry_run_case', 'dry_run_table', 'gpu_dry_runs', 'gpu_dry_run_table']
 
 # %% ../nbs/07b_plan.ipynb #b7p00003
 import torch
@@ -317,12 +317,12 @@ DDPM_CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_bl
                     flip_sin_to_cos=False, downsample_padding=0, attention_head_dim=None)   # google/ddpm-cifar10-32's unet/config.json
 
 @planner("disback")
-def disback_phases(cfg)->list[Phase]:
+def disback_phases(cfg, lat:int=8)->list[Phase]:
     "Stage 1: the degradation path (main process: an Adam-trained copy of the teacher); stage 2: generator + fake score against the target (`teacher: sd`: copies of the base UNet, `_disback_sd`)."
     from diffusers import UNet2DModel
     from distill_nb.diffusion import one_step, fake_score_loss, dmd_loss
     extra, scale = dict, 1.0     # frozen modules held beside the copies; the activations' per-sample scale
-    if cfg.teacher == "sd": unet, extra, scale, src = _disback_sd(cfg)
+    if cfg.teacher == "sd": unet, extra, scale, src = _disback_sd(cfg, lat)   # `lat`: the latent side of a measurement
     elif cfg.teacher == "tiny-random":
         from distill_nb.disback_full import tiny_unet
         unet, src = (lambda: tiny_unet(cfg.tiny_sample_size)), "tiny-random"
@@ -738,36 +738,48 @@ def _maxrss()->int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 def randomize(mods:dict, seed:int=0)->dict:
-    "Random weights in place, in each tensor's own dtype: matrices N(0, 1/fan_in), 1-d weights (norm scales) 1, biases 0, BN running variances 1."
-    g = torch.Generator().manual_seed(seed)
+    "Random weights in place, in each tensor's own dtype and device: matrices N(0, 1/fan_in), 1-d weights (norm scales) 1, biases 0, BN running variances 1."
+    gens = {}      # one generator per device, each seeded with `seed` (a CPU generator cannot fill a GPU tensor)
     with torch.no_grad():
         for m in mods.values():
             for n, p in m.named_parameters():
                 if not p.is_floating_point(): continue
-                if p.ndim >= 2: p.normal_(0, p[0].numel() ** -0.5, generator=g)
+                if p.ndim >= 2:
+                    if p.device not in gens: gens[p.device] = torch.Generator(p.device).manual_seed(seed)
+                    p.normal_(0, p[0].numel() ** -0.5, generator=gens[p.device])
                 elif n.endswith("weight"): p.fill_(1.)
                 else: p.zero_()
             for n, b in m.named_buffers():
                 if n.endswith("running_var"): b.fill_(1.)
     return mods
 
-def _warm_up(autocast:bool, optimizer:str):
+def _warm_up(autocast:bool, optimizer:str, device:str="cpu"):
     "A few-MB step through the usual kernels (conv, norms, attention, embedding; autocast and the optimizer as asked), so that lazily loaded code and thread pools are part of the baseline."
     m = nn.ModuleDict(dict(e=nn.Embedding(100, 64), c=nn.Conv2d(4, 64, 3, padding=1), bn=nn.BatchNorm2d(64), gn=nn.GroupNorm(8, 64),
                            ln=nn.LayerNorm(64), a=nn.MultiheadAttention(64, 4, batch_first=True), l=nn.Linear(64, 10)))
     opt = _make_opt(optimizer, list(m.parameters()))
     for _ in range(2):
-        with (torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()):
+        with (torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()):
             h = m["gn"](m["bn"](m["c"](torch.randn(2, 4, 8, 8)))).flatten(2).transpose(1, 2) + m["e"](torch.zeros(2, 64, dtype=torch.long))
             h = F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None])[:, 0] + m["a"](h, h, h)[0]
             loss = F.cross_entropy(m["l"](F.gelu(m["ln"](h))).mean(1).float(), torch.zeros(2, dtype=torch.long))
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 
 # %% ../nbs/07b_plan.ipynb #239ef328
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+def _fingerprint(t:torch.Tensor)->bytes:
+    "A position-weighted 64-bit checksum of a tensor's bits and their plain sum, computed where the tensor is (no copy to the host)."
+    v = t.detach().contiguous().view(-1)
+    if not v.numel(): return b""
+    b = v.view(_INTS[v.element_size()]).to(torch.int64)
+    w = torch.arange(1, b.numel() + 1, device=b.device, dtype=torch.int64) * 6364136223846793005 + 1442695040888963407  # wraps mod 2^64
+    return b"".join(int(s).to_bytes(8, "little", signed=True) for s in ((b * w).sum(), b.sum()))
+
 def _digest(ts)->str:
-    "A hash of the bytes of tensors `ts` (any dtype): equal digests, bit-identical tensors."
+    "A hash of the bits of tensors `ts` (any dtype): equal digests, bit-identical tensors (GPU tensors through `_fingerprint`, not copied)."
     h = hashlib.sha256()
-    for t in ts: h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for t in ts: h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.device.type == "cpu" else _fingerprint(t))
     return h.hexdigest()[:16]
 
 def _opt_tensors(opt)->list:
@@ -785,72 +797,112 @@ def _dry_config(paper:str, config:str|Path, sets:list):
     load_paper(paper)
     return LAUNCHERS[paper].config_cls.from_dict(apply_overrides(read_yaml(config), list(sets)), _where=Path(config).name)
 
+class _Meter:
+    "A dry run's memory: the process's RSS on CPU (peak: `ru_maxrss`), the caching allocator's allocated bytes on a GPU (peak since `reset`)."
+    def __init__(self, device:torch.device): self.device, self.cuda = device, device.type == "cuda"
+    def sync(self):
+        if self.cuda: torch.cuda.synchronize(self.device)
+    def reset(self):
+        if self.cuda: self.sync(); torch.cuda.reset_peak_memory_stats(self.device)
+    def now(self)->int: self.sync(); return torch.cuda.memory_allocated(self.device) if self.cuda else _rss()
+    def peak(self)->int: self.sync(); return torch.cuda.max_memory_allocated(self.device) if self.cuda else _maxrss()
+    def reserved(self)->int: return torch.cuda.max_memory_reserved(self.device) if self.cuda else 0
+
 # %% ../nbs/07b_plan.ipynb #77c10b79
-def dry_run_here(paper:str,              # a paper with a planner
-                 config:str|Path,        # its full config (YAML)
-                 phase:str,              # the phase's name in the plan
-                 sets:list=(),           # KEY=VALUE overrides, as `--set` (e.g. a smaller resolution)
-                 batch:int=1,            # the micro-batch of the dry run (one device, no accumulation)
-                 steps:int=2,            # optimisation steps before the checkpoint
-                 phase_kw:dict|None=None, # extra arguments of the paper's planner for the run (e.g. Hyper-SD's `lat`)
-                 ckpt:str|Path|None=None, # where the checkpoint goes (default: a temporary folder)
-                 plan_it:bool=True,      # also plan the same phase at the same batch (after the peak is read)
-                )->dict:
-    "In this process: build the phase at real size with random weights, run `steps` optimisation steps, checkpoint, step once more, resume, compare; then plan it."
-    import tempfile, time, gc, os
-    torch.set_num_threads(1); torch.manual_seed(0)
-    cfg = _dry_config(paper, config, sets)
-    mp = getattr(cfg, "mixed_precision", "no")
+def _dry_phase(paper:str, cfg, phase:str, phase_kw:dict|None)->tuple:
+    "(the planner's phase `phase`, its mixed precision) for a dry run; a clear error for an unknown or unplannable phase."
     ph = next((p for p in PLANNERS[paper](cfg, **(phase_kw or {})) if p.name == phase), None)
     if ph is None: raise ValueError(f"{paper}: no phase {phase!r}; phases: {', '.join(p.name for p in PLANNERS[paper](cfg))}")
     if ph.skip: raise ValueError(f"{paper} {phase}: {ph.skip}")
-    if ph.autocast is False: mp = "no"
-    wdt = torch.bfloat16 if mp in ("bf16", "fp16") else torch.float32
-    _warm_up(mp != "no", ph.optimizer); gc.collect()
-    base = _rss()
-    mods = randomize(materialize(_on_meta(ph.modules), wdt))       # frozen weights in the weight dtype, trained ones in fp32
+    return ph, "no" if ph.autocast is False else getattr(cfg, "mixed_precision", "no")
+
+def _dry_build(ph:Phase, wdt)->tuple:
+    "(modules, trained parameters, optimizer) of a phase at real size on the default device: random weights, frozen ones in `wdt`, trained ones in fp32."
+    mods = randomize(materialize(_on_meta(ph.modules), wdt))
     for m in mods.values():
         if any(p.requires_grad for p in m.parameters()): m.train()
     seen, params = set(), []
     for m in mods.values():
         for p in m.parameters():
             if p.requires_grad and id(p) not in seen: seen.add(id(p)); params.append(p)
-    opt = _make_opt(ph.optimizer, params)
-    built = _rss()
+    return mods, params, _make_opt(ph.optimizer, params)
+
+def _dry_step(ph:Phase, mods:dict, opt, mp:str, batch:int, device_type:str)->Callable:
+    "One optimisation step of the phase: each piece's forward + backward (under autocast as the planner measures it), then the optimizer."
     def step():
         opt.zero_grad(set_to_none=True)
         for a in ph.acts:
-            ac = mp != "no" and not a.cast_all     # as the planner measures each piece; no weight cache: the launchers leave autocast before backward
-            with (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if ac else contextlib.nullcontext()): a.step(mods, batch)
-        opt.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-    peak = _maxrss()                                                # the peak of building + `steps` steps, before any checkpoint I/O
-    d = Path(ckpt or tempfile.mkdtemp(prefix="dryrun-")); d.mkdir(parents=True, exist_ok=True); f = d/"checkpoint.pt"
-    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "rng": torch.get_rng_state()}, f)
+            ac = mp != "no" and not a.cast_all     # no weight cache: the launchers leave autocast before backward
+            with (torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False) if ac else contextlib.nullcontext()): a.step(mods, batch)
+        with torch.device("cpu"): opt.step()   # its scalar state (Adam's step count) on CPU, as in a launcher, under any default device
+    return step
+
+def _resume_check(step:Callable, params:list, opt, d:Path, meter:_Meter)->dict:
+    "Checkpoint (parameters, optimizer, RNGs), a third step, reload, the third step again: does the state reload exactly, is the resumed step bit-identical?"
+    rng = {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(meter.device)} if meter.cuda else {})}
+    f = d/"checkpoint.pt"; torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), **rng}, f)
     saved = (_digest(params), _digest(_opt_tensors(opt)))
-    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-    after = _digest(params)
+    step(); after = _digest(params)
     sd = torch.load(f, weights_only=True)
     with torch.no_grad():
         for p, q in zip(params, sd["params"]): p.copy_(q)
-    opt.load_state_dict(sd["opt"]); torch.set_rng_state(sd["rng"]); del sd
+    opt.load_state_dict(sd["opt"]); torch.set_rng_state(sd["rng"].cpu())
+    if meter.cuda: torch.cuda.set_rng_state(sd["cuda_rng"].cpu(), meter.device)
+    del sd
     reloaded = (_digest(params), _digest(_opt_tensors(opt)))
-    step(); resumed = _digest(params)
-    f.unlink()
+    step(); resumed = _digest(params); f.unlink()
+    return dict(reload_equal=reloaded == saved, bit_identical=resumed == after)
+
+
+# %% ../nbs/07b_plan.ipynb #dfa4a5ee
+def plan_dry(paper:str, cfg, phase:str, batch:int, measured:float|None=None)->dict:
+    "The planner's row for `phase` of `cfg` at micro-batch `batch` on one device, as a dry run measures it (and planned / measured)."
+    key = f"{paper}|{json.dumps(cfg.to_dict(), sort_keys=True, default=str)}"
+    pp = next(p for p in PLANNERS[paper](cfg) if p.name == phase)
+    row = plan_phase(dataclasses.replace(pp, batch=batch, distributed=False), key, getattr(cfg, "mixed_precision", "no"), gpus=1, gpu_mem=1e9)
+    return dict(planned=row.peak, plan=dataclasses.asdict(row), **({"ratio": row.peak / measured} if measured else {}))
+
+def dry_run_here(paper:str,              # a paper with a planner
+                 config:str|Path,        # its full config (YAML)
+                 phase:str,              # the phase's name in the plan
+                 sets:list=(),           # KEY=VALUE overrides, as `--set` (e.g. a smaller resolution)
+                 batch:int=1,            # the micro-batch of the dry run (one device, no accumulation)
+                 steps:int=2,            # optimisation steps before the checkpoint (the first is not timed)
+                 phase_kw:dict|None=None, # extra arguments of the paper's planner for the run (e.g. Hyper-SD's `lat`)
+                 ckpt:str|Path|None=None, # where the checkpoint goes (default: a temporary folder)
+                 plan_it:bool=True,      # also plan the same phase at the same batch (after the peak is read)
+                 device:str="cpu",       # "cuda": on a GPU, the caching allocator's allocated peak in place of the RSS
+                )->dict:
+    "In this process: build the phase at real size with random weights, run `steps` optimisation steps, checkpoint, step once more, resume, compare; then plan it."
+    import tempfile, time, gc, os
+    dev = torch.device(device); meter = _Meter(dev); kind = "alloc" if meter.cuda else "rss"
+    if meter.cuda: os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS for the resume check (read at first use)
+    else: torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = _dry_config(paper, config, sets); ph, mp = _dry_phase(paper, cfg, phase, phase_kw)
+    _META_UNETS.clear()      # a UNet kept from an earlier dry run in this process would be freed inside this one's measurement
+    with (torch.device(dev) if meter.cuda else contextlib.nullcontext()):
+        _warm_up(mp != "no", ph.optimizer, dev.type); gc.collect(); meter.reset()
+        base = meter.now(); mods, params, opt = _dry_build(ph, torch.bfloat16 if mp in ("bf16", "fp16") else torch.float32); built = meter.now()
+        step, times = _dry_step(ph, mods, opt, mp, batch, dev.type), []
+        for _ in range(steps):
+            meter.sync(); t0 = time.perf_counter(); step(); meter.sync(); times.append(time.perf_counter() - t0)
+        peak, reserved = meter.peak(), meter.reserved()              # building + `steps` steps, before any checkpoint I/O
+        d = Path(ckpt or tempfile.mkdtemp(prefix="dryrun-")); d.mkdir(parents=True, exist_ok=True)
+        if meter.cuda: torch.use_deterministic_algorithms(True, warn_only=True); torch.backends.cudnn.deterministic = True   # after the timed steps
+        try: res = _resume_check(step, params, opt, d, meter)
+        finally: torch.use_deterministic_algorithms(False); torch.backends.cudnn.deterministic = False
     counts = param_counts(mods)
-    r = dict(paper=paper, config=str(config), phase=phase, sets=list(sets), batch=batch, mixed_precision=mp, trained=counts["trained"],
-             frozen=counts["frozen"], step_s=times, s_per_step=sum(times[1:]) / max(1, len(times) - 1), baseline_rss=base, built_rss=built,
-             peak_rss=peak, measured=peak - base, reload_equal=reloaded == saved, bit_identical=resumed == after,
+    r = dict(paper=paper, config=str(config), phase=phase, sets=list(sets), batch=batch, mixed_precision=mp, device=dev.type,
+             trained=counts["trained"], frozen=counts["frozen"], step_s=times, s_per_step=sum(times[1:]) / max(1, len(times) - 1),
+             **{f"baseline_{kind}": base, f"built_{kind}": built, f"peak_{kind}": peak}, measured=peak - base, **res,
              malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_", ""), torch=torch.__version__)
-    del mods, opt, params; gc.collect()
-    if plan_it:
-        key = f"{paper}|{json.dumps(cfg.to_dict(), sort_keys=True, default=str)}"
-        pp = next(p for p in PLANNERS[paper](cfg) if p.name == phase)
-        row = plan_phase(dataclasses.replace(pp, batch=batch, distributed=False), key, mp, gpus=1, gpu_mem=1e9)
-        r.update(planned=row.peak, plan=dataclasses.asdict(row), ratio=row.peak / r["measured"])
+    if meter.cuda: r.update(peak_reserved=reserved, gpu=torch.cuda.get_device_name(dev))
+    del mods, opt, params, step; gc.collect()
+    if meter.cuda: torch.cuda.empty_cache()
+    if plan_it: r.update(plan_dry(paper, cfg, phase, batch, r["measured"]))
     return r
+
 
 # %% ../nbs/07b_plan.ipynb #f7099344
 def dry_run(paper:str, config:str|Path, phase:str, sets:list=(), batch:int=1, steps:int=2, phase_kw:dict|None=None,
@@ -896,4 +948,52 @@ def dry_run_table(records:list)->str:
         ok = "bit-identical" if r["bit_identical"] else ("state reloads" if r["reload_equal"] else "FAILS")
         out.append(f"| {r['paper']} | {Path(r['config']).stem} | {r['phase']} | {r['batch']} | {r['mixed_precision']} | {r['s_per_step']:.2f} | {_b(r['peak_rss'])} | "
                    f"{_b(r['baseline_rss'])} | {_b(r['measured'])} | {_b(r['planned']) if 'planned' in r else '-'} | {r.get('ratio', float('nan')):.2f} | {ok} |")
+    return "\n".join(out)
+
+# %% ../nbs/07b_plan.ipynb #7dead4ca
+GPU_DRY_RUNS = {   # case: (paper, config under configs/, phase, --set overrides, per-device micro-batch, planner arguments of the run)
+    "distiller-sst2": ("distiller", "distiller/glue_sst2.yaml", "student KD", [], 16, None),          # 64 over 4 GPUs, seq 128
+    "diswot-nb201": ("diswot", "diswot/nb201_cifar100.yaml", "KD of the winner", [], 32, None),       # 256 over 8 GPUs, 32 px
+    "diswot-imagenet": ("diswot", "diswot/imagenet_resnet.yaml", "KD of the winner", [], 32, None),   # 256 over 8 GPUs, 224 px
+    "disback-ddpm-path": ("disback", "disback/ddpm_cifar10.yaml", "degradation path", [], 64, None),  # main process, whole batch
+    "disback-ddpm": ("disback", "disback/ddpm_cifar10.yaml", "distillation", [], 8, None),            # 64 over 8 GPUs
+    "disback-sd15": ("disback", "disback/sd15.yaml", "distillation", [], 8, {"lat": 64}),             # 64 over 8 GPUs, 512 px
+    "hyper_sd-sd15-tscd": ("hyper_sd", "hyper_sd/sd15.yaml", "TSCD k=4 (adv)", [], 8, {"lat": 64}),   # 512 / (8 GPUs x 8 accumulation)
+    "hyper_sd-sd15-feedback": ("hyper_sd", "hyper_sd/sd15.yaml", "feedback", [], 8, {"lat": 64}),
+    "hyper_sd-sd15-dmd": ("hyper_sd", "hyper_sd/sd15.yaml", "DMD", [], 8, {"lat": 64}),
+    "hyper_sd-sdxl-tscd": ("hyper_sd", "hyper_sd/sdxl.yaml", "TSCD k=4 (adv)", [], 2, {"lat": 128}), # 512 / (8 GPUs x 32), 1024 px
+    "hyper_sd-sdxl-feedback": ("hyper_sd", "hyper_sd/sdxl.yaml", "feedback", [], 2, {"lat": 128}),
+    "hyper_sd-sdxl-dmd": ("hyper_sd", "hyper_sd/sdxl.yaml", "DMD", [], 2, {"lat": 128}),
+    "similar-resnet_pool": ("similar", "similar/resnet_pool.yaml", "student", [], 40, None),         # (256 + 64) over 8 GPUs, 112 px
+}
+
+def gpu_dry_runs(names:list|None=None,   # keys of `GPU_DRY_RUNS` (default: all)
+                 configs:str|Path|None=None, # the configs folder (default: the checkout's)
+                 out:str|Path|None=None,  # a JSON file rewritten after each case (what finished survives a timeout)
+                 device:str="cuda",       # "cpu" runs the same loop on CPU (a smoke test of the runner)
+                )->list[dict]:
+    "Each case on this process's GPU, one after another (the allocator's peak is per case); a case that fails is a record with its error."
+    import gc, traceback
+    from distill_nb.core import repo_root
+    if device == "cuda" and not torch.cuda.is_available(): raise RuntimeError("gpu_dry_runs needs a CUDA GPU; on CPU use dry_run or dry_run_case")
+    root, recs = Path(configs) if configs else (repo_root() or Path("."))/"configs", []
+    for n in names or list(GPU_DRY_RUNS):
+        paper, cfg, phase, sets, batch, kw = GPU_DRY_RUNS[n]
+        try: r = dry_run_here(paper, root/cfg, phase, sets, batch, steps=3, phase_kw=kw, plan_it=False, device=device)
+        except Exception as e: r = dict(paper=paper, config=str(root/cfg), phase=phase, batch=batch, error=f"{type(e).__name__}: {e}"[:1500],
+                                        traceback=traceback.format_exc()[-3000:])
+        gc.collect()
+        if device == "cuda": torch.cuda.empty_cache()
+        recs.append({"case": n, **r})
+        if out: Path(out).write_text(json.dumps(recs, indent=1))
+    return recs
+
+def gpu_dry_run_table(records:list)->str:
+    "The GPU dry runs as a markdown table: seconds per step, the allocated peak, the planner's peak and their ratio, the resume check."
+    out = ["| case | phase | micro-batch | dtype | s / step | allocated peak | reserved | planned | planned / measured | resume |", "|" + "---|" * 10]
+    for r in records:
+        if "error" in r: out.append(f"| {r['case']} | {r['phase']} | {r['batch']} | | | | | | | failed: {r['error'].splitlines()[0][:90]} |"); continue
+        ok = "bit-identical" if r["bit_identical"] else ("state reloads" if r["reload_equal"] else "FAILS")
+        out.append(f"| {r['case']} | {r['phase']} | {r['batch']} | {r['mixed_precision']} | {r['s_per_step']:.3f} | {_b(r['measured'])} | "
+                   f"{_b(r['peak_reserved'])} | {_b(r['planned']) if 'planned' in r else '-'} | {r.get('ratio', float('nan')):.2f} | {ok} |")
     return "\n".join(out)
