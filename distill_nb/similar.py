@@ -4,20 +4,20 @@
 """Rank source models by task similarity from a few target labels, then distil the nearest one (or all of them, weighted) into a small target model"""
 from __future__ import annotations
 import dataclasses, functools, math, time
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 # %% auto #0
-__all__ = ['TARGETS', 'SOURCES', 'EXTRA_SOURCES', 'LITE0_SIZES', 'SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS',
+__all__ = ['TARGETS', 'SOURCES', 'LITE0_SIZES', 'EXTRA_SOURCES', 'SOURCE_DOMAINS', 'METRICS', 'Method', 'LABELS_PER_CLASS',
            'SCALES', 'ARM_NAMES', 'check_target', 'TargetTask', 'make_target', 'SmallCNN', 'Source', 'SourceConfig',
            'train_source', 'mnist_source', 'get_source', 'sources_for', 'source_own_acc', 'lite0_source',
            'SourceFeatures', 'source_features', 'knn_loo', 'ncc_loo', 'logme_evidence', 'logme', 'leep', 'nce', 'emd',
            'domain_similarity', 'similarity', 'Probe', 'linear_probe', 'probe_teacher', 'source_weights', 'TargetNet',
            'augment', 'StudentConfig', 'recalibrate_bn', 'train_student', 'InitConfig', 'strong_init', 'shapes_pool',
-           'generic_init', 'GridConfig', 'weight_entropy', 'mixture_accuracy', 'select_temperature',
-           'choose_temperatures', 'mask_rate_summary', 'run_cell', 'run_grid', 'nearest_acc', 'random_acc', 'arm_acc',
-           'per_target', 'arm_table', 'cell_spearman', 'target_test', 'over_targets', 'targets_gate',
-           'correlation_table', 'setting_margin', 'c1_checks', 'similarity_figure', 'c1_similarity', 'arms_figure',
-           'c2_checks', 'c2_weighted', 'score_vs_distill_benchmark']
+           'generic_init', 'generic_source_body', 'GridConfig', 'weight_entropy', 'mixture_accuracy',
+           'select_temperature', 'choose_temperatures', 'mask_rate_summary', 'run_cell', 'run_grid', 'nearest_acc',
+           'random_acc', 'arm_acc', 'per_target', 'arm_table', 'cell_spearman', 'target_test', 'over_targets',
+           'targets_gate', 'correlation_table', 'setting_margin', 'c1_checks', 'similarity_figure', 'c1_similarity',
+           'arms_figure', 'c2_checks', 'c2_weighted', 'score_vs_distill_benchmark']
 
 # %% ../nbs/30_distill_similar.ipynb #4b48a141
 import numpy as np
@@ -128,6 +128,8 @@ class SourceConfig(Config):
     lr: float = 2e-3
     seed: int = 0
     classes: list[int] = dataclasses.field(default_factory=list)   # the domain's classes it learns (relabelled 0..k-1); empty: all
+    init: Literal["", "generic"] = ""  # "": from scratch (v2-v4); "generic": the body of `generic_source_body`, then fine-tuned (v5)
+    init_steps: int = 150              # pre-training steps of that body (as the student's generic init)
 
 def _class_means(f:Tensor, y:Tensor, n:int)->Tensor:
     f = F.normalize(f, dim=1); return torch.stack([f[y == c].mean(0) for c in range(n)])
@@ -139,7 +141,9 @@ def train_source(cfg:SourceConfig=SourceConfig(), name:str|None=None)->Source:
         d = image_domain(cfg.domain, "train"); x, y = _subset(d.x, d.y, cfg.classes); C = int(y.max()) + 1
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_train]
         x, y = x[idx], y[idx]
-        seed_everything(cfg.seed); m = SmallCNN(C); opt = torch.optim.Adam(m.parameters(), cfg.lr); m.train()
+        seed_everything(cfg.seed); m = SmallCNN(C)
+        if cfg.init == "generic": m.body.load_state_dict(generic_source_body(InitConfig(steps=cfg.init_steps)))
+        opt = torch.optim.Adam(m.parameters(), cfg.lr); m.train()
         def step(i):
             b = step_batch(len(x), cfg.batch_size, i, cfg.seed)
             loss = F.cross_entropy(m(x[b]), y[b]); opt.zero_grad(); loss.backward(); opt.step(); return loss
@@ -165,17 +169,17 @@ SOURCES = {"mnist": ("mnist", []), "fashion_a": ("fashion", [0, 1, 2, 3, 4]), "f
            "animal_a": ("animal", [0, 1, 2, 3, 4]), "animal_b": ("animal", [5, 6, 7, 8, 9])}
 # opt-in sources (a pool names them: the extended grid does, the CI grid and the unit tests do not): the real ImageNet
 # model, on the image resized to 112 px (v3's pool) or to 224 px, the resolution it was trained at (v4's pool)
-EXTRA_SOURCES = {"lite0": ("imagenet", []), "lite0_224": ("imagenet", [])}
 LITE0_SIZES = {"lite0": 112, "lite0_224": 224}
+EXTRA_SOURCES = {s: ("imagenet", []) for s in LITE0_SIZES}
 SOURCE_DOMAINS = {s: d for s, (d, _) in {**SOURCES, **EXTRA_SOURCES}.items()}
 
 @functools.lru_cache(maxsize=None)
-def get_source(name:str, steps:int=200)->Source:
-    "One source of the quick-scale pool (`SOURCES`, `EXTRA_SOURCES`; in-repo ones trained for `steps`), cached in memory."
+def get_source(name:str, steps:int=200, init:str="")->Source:
+    "One source of the quick-scale pool (`SOURCES`, `EXTRA_SOURCES`; in-repo ones trained for `steps` from `init`), cached in memory."
     if name not in SOURCE_DOMAINS: raise ValueError(f"unknown source {name!r}; valid: {', '.join(SOURCE_DOMAINS)}")
     if name == "mnist": return mnist_source()
     if name in LITE0_SIZES: return lite0_source(LITE0_SIZES[name], name)
-    d, cl = SOURCES[name]; return train_source(SourceConfig(domain=d, classes=list(cl), steps=steps), name)
+    d, cl = SOURCES[name]; return train_source(SourceConfig(domain=d, classes=list(cl), steps=steps, init=init), name)
 
 def sources_for(target:str, pool:Sequence[str]|None=None)->list[str]:
     "The source pool of a target: every source of `pool` (default `SOURCES`) that saw none of its images (another domain, or disjoint classes)."
@@ -183,10 +187,11 @@ def sources_for(target:str, pool:Sequence[str]|None=None)->list[str]:
     if bad := [s for s in (pool or []) if s not in every]: raise ValueError(f"unknown source {bad[0]!r} in the pool; valid: {', '.join(every)}")
     return [s for s, (sd, scl) in every.items() if s in (pool or SOURCES) and (sd != d or (cl and scl and not set(cl) & set(scl)))]
 
-def source_own_acc(name:str, steps:int=200)->float:
+def source_own_acc(name:str, steps:int=200, init:str="")->float:
     "A source's accuracy on its own task's test images (MNIST CNN: OpenCV digits, its stand-in)."
     dom, cl = SOURCES[name]; d = image_domain("opencv_digits" if dom == "mnist" else dom, "test"); x, y = _subset(d.x, d.y, cl)
-    with torch.no_grad(): return accuracy(get_source(name, steps).model, x, y)
+    m = get_source(name, steps, init).model          # built (trained) outside no_grad when not cached
+    with torch.no_grad(): return accuracy(m, x, y)
 
 # %% ../nbs/30_distill_similar.ipynb #de2d02b0
 class _Lite0(nn.Module):
@@ -532,8 +537,9 @@ class InitConfig(Config):
     widths: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
     seed: int = 0
 
-def _pretrain(x:Tensor, y:Tensor, cfg:InitConfig, what:str)->dict:
-    seed_everything(cfg.seed); net = TargetNet(int(y.max()) + 1, cfg.widths); opt = torch.optim.Adam(net.parameters(), cfg.lr)
+def _pretrain(x:Tensor, y:Tensor, cfg:InitConfig, what:str, make_net:Callable|None=None)->dict:
+    "The body weights of a classifier (default a `TargetNet`; `make_net(classes)` for another) pre-trained on (x, y) with weak augmentation."
+    seed_everything(cfg.seed); net = (make_net or (lambda k: TargetNet(k, cfg.widths)))(int(y.max()) + 1); opt = torch.optim.Adam(net.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed); net.train()
     def step(i):
         b = step_batch(len(x), cfg.batch_size, i, cfg.seed)
@@ -563,14 +569,20 @@ def shapes_pool(n:int=6000, seed:int=0)->tuple[Tensor, Tensor]:
     m = torch.stack(masks, 1)[torch.arange(n), y].float()
     return ((0.4 + 0.6 * u(n, 1, 1)) * m + 0.15 * u(n, 28, 28)).clamp(0, 1)[:, None], y
 
+def _generic_pool(cfg:InitConfig)->tuple[Tensor, Tensor]:
+    "The generic pool: synthetic shapes (8 classes) + extra-texture crops (10 classes), disjoint from every target."
+    xs, ys = shapes_pool(2 * cfg.n_per_domain, cfg.seed)
+    xt, yt, _ = load_textures(cfg.n_per_domain // 3, seed=cfg.seed, classes=EXTRA_TEXTURES)
+    return torch.cat([xs, xt.float()[:, None] / 255]), torch.cat([ys, yt + 8])
+
 def generic_init(cfg:InitConfig=InitConfig())->dict:
-    "The generic pre-trained body (the ImageNet-init stand-in): shapes + extra-texture crops, disjoint from every target (cached)."
-    def make():
-        xs, ys = shapes_pool(2 * cfg.n_per_domain, cfg.seed)
-        xt, yt, _ = load_textures(cfg.n_per_domain // 3, seed=cfg.seed, classes=EXTRA_TEXTURES)
-        x, y = torch.cat([xs, xt.float()[:, None] / 255]), torch.cat([ys, yt + 8])
-        return _pretrain(x, y, cfg, "generic init")
-    return cached_tensors("similar-generic-init", cfg.to_dict() | {"target": ""}, make)
+    "The generic pre-trained body (the ImageNet-init stand-in): a `TargetNet` pre-trained on the generic pool (cached)."
+    return cached_tensors("similar-generic-init", cfg.to_dict() | {"target": ""}, lambda: _pretrain(*_generic_pool(cfg), cfg, "generic init"))
+
+def generic_source_body(cfg:InitConfig=InitConfig())->dict:
+    "The in-repo sources' starting body (`SourceConfig.init='generic'`): a `SmallCNN` pre-trained on the same generic pool (cached)."
+    return cached_tensors("similar-generic-source-body", cfg.to_dict() | {"target": ""},
+                          lambda: _pretrain(*_generic_pool(cfg), cfg, "generic source body", lambda k: SmallCNN(k)))
 
 # %% ../nbs/30_distill_similar.ipynb #dc1a9830
 LABELS_PER_CLASS = {"sklearn_digits": 5, "opencv_digits": 5, "textures": 5, "fashion": 5, "animal": 5,
@@ -595,6 +607,7 @@ class GridConfig(Config):
     T_folds: int = 2                 # nested validation: outer folds of the validation target's held-out images
     init_steps: int = 150            # pre-training steps of the generic and source-data inits
     source_steps: int = 200          # training steps of the in-repo sources
+    source_init: str = ""            # where they start: "" from scratch (v2-v4), "generic" the generic pool's SmallCNN body (v5)
     arms: list[str] = dataclasses.field(default_factory=lambda: ["scratch", "transfer", "srcdata", "fixmatch", "all", "weighted"])
 
 SCALES = {"quick": GridConfig(),
@@ -637,15 +650,15 @@ def select_temperature(sims:list,              # per validation seed: the (S,) s
             "max_entropy": [math.log(len(s)) for s in sims]}
 
 # %% ../nbs/30_distill_similar.ipynb #c9ec0f09
-def _sources_on(task:TargetTask, steps:int=200, pool:Sequence[str]|None=None)->tuple[list[str], dict]:
+def _sources_on(task:TargetTask, steps:int=200, pool:Sequence[str]|None=None, init:str="")->tuple[list[str], dict]:
     names = sources_for(task.name, pool)
-    return names, {s: source_features(get_source(s, steps), task).check(get_source(s, steps)) for s in names}
+    return names, {s: source_features(get_source(s, steps, init), task).check(get_source(s, steps, init)) for s in names}
 
 def _val_draw(target:str, cfg:GridConfig)->tuple:
     "A validation draw of `target` (seed `cfg.val_seed`): similarities, the probe teachers' probabilities on its unlabeled pool, that pool's labels."
     task = make_target(target, LABELS_PER_CLASS.get(target, 5), cfg.val_seed, cfg.n_unlabeled, cfg.n_test)
-    names, sfs = _sources_on(task, cfg.source_steps, cfg.pool); C = task.n_classes
-    sims = [similarity(cfg.weight_metric, sfs[s], task.y_lab, C, get_source(s, cfg.source_steps).class_means) for s in names]
+    names, sfs = _sources_on(task, cfg.source_steps, cfg.pool, cfg.source_init); C = task.n_classes
+    sims = [similarity(cfg.weight_metric, sfs[s], task.y_lab, C, get_source(s, cfg.source_steps, cfg.source_init).class_means) for s in names]
     return target, sims, torch.stack([probe_teacher(sfs[s], task.y_lab, C)["unl"] for s in names]), task.y_unl
 
 _TEMPS: dict = {}
@@ -679,8 +692,8 @@ def _arm(task:TargetTask, arm:str, seed:int, cfg:GridConfig, unl:list, w:Tensor,
 def run_cell(target:str, seed:int, cfg:GridConfig, T:float)->dict:
     "All arms of one (target, seed): similarities, teachers' accuracies and the students' test accuracies."
     task = make_target(target, LABELS_PER_CLASS.get(target, 5), seed, cfg.n_unlabeled, cfg.n_test)
-    names, sfs = _sources_on(task, cfg.source_steps, cfg.pool); C = task.n_classes; gen = generic_init(InitConfig(steps=cfg.init_steps))
-    sims = {m: [similarity(m, sfs[s], task.y_lab, C, get_source(s, cfg.source_steps).class_means) for s in names] for m in cfg.metrics}
+    names, sfs = _sources_on(task, cfg.source_steps, cfg.pool, cfg.source_init); C = task.n_classes; gen = generic_init(InitConfig(steps=cfg.init_steps))
+    sims = {m: [similarity(m, sfs[s], task.y_lab, C, get_source(s, cfg.source_steps, cfg.source_init).class_means) for s in names] for m in cfg.metrics}
     tch = [probe_teacher(sfs[s], task.y_lab, C) for s in names]; unl = [t_["unl"] for t_ in tch]
     st = StudentConfig(steps=cfg.steps, batch_size=cfg.batch_size); ev = lambda net: accuracy(net, task.x_test, task.y_test)
     out = {"target": target, "seed": seed, "pilot": seed in cfg.pilot_seeds, "sources": names, "sims": sims, "n_classes": C,
@@ -695,7 +708,7 @@ def run_cell(target:str, seed:int, cfg:GridConfig, T:float)->dict:
 # %% ../nbs/30_distill_similar.ipynb #c303d753
 def _build(item:tuple, cfg:GridConfig)->tuple:
     kind, name = item
-    if kind == "source": get_source(name, cfg.source_steps)
+    if kind == "source": get_source(name, cfg.source_steps, cfg.source_init)
     elif kind == "generic": generic_init(InitConfig(steps=cfg.init_steps))
     else: strong_init(InitConfig(target=name, steps=cfg.init_steps))
     return item
@@ -791,9 +804,8 @@ def setting_margin(grid:dict, pilot:bool=False)->dict:
 def c1_checks(grid:dict, pro:dict, own_acc:dict, metric:str="knn")->dict:
     "C1's checks with their roles: the pre-registered primary and secondary claims, the guard and the power gates."
     rho = lambda pilot: per_target(grid, lambda c: cell_spearman(c["sims"][metric], c["single"]), pilot)
-    gain = lambda pilot: per_target(grid, lambda c: 100 * (nearest_acc(c, metric) - random_acc(c)), pilot)
     near, rand = per_target(grid, lambda c: 100 * nearest_acc(c, metric)), per_target(grid, lambda c: 100 * random_acc(c))
-    t1, t2, a = target_test(rho(False), pro["alpha"]), sign_flip_test(list(near.values()), list(rand.values()), alpha=pro["alpha"]), pro["alpha"]
+    t1, t2 = target_test(rho(False), pro["alpha"]), sign_flip_test(list(near.values()), list(rand.values()), alpha=pro["alpha"])
     marg = setting_margin(grid); chance = min(100 * min(c["single"]) * c["n_classes"] for c in grid["cells"])
     return {f"C1a: within-target Spearman({metric}, accuracy) > 0, over targets": claim_test(t1, primary=True, unit="rho", note=over_targets(t1)),
             f"C1b: DistillNearest({metric}) > DistillRandom, over targets": claim_test(t2, unit="pts", note=over_targets(t2)),
@@ -824,7 +836,7 @@ def _quick_cfg(scale:str, pro:dict)->GridConfig:
     "The grid of a scale: `ci` is `SCALES['ci']`; the extended tier is the protocol's targets, seeds, pool and steps."
     if scale == "ci": return SCALES["ci"]
     return SCALES["quick"].replace(targets=list(pro["targets"]), seeds=list(pro["seeds"]), pilot_seeds=list(pro["pilot_seeds"]),
-                                   pool=list(pro["pool"]), steps=int(pro["student_steps"]))
+                                   pool=list(pro["pool"]), steps=int(pro["student_steps"]), source_init=pro.get("source_init", ""))
 
 @experiment("similar", "c1_similarity", "C1: within-target Spearman(kNN similarity, post-distillation accuracy) > 0 over targets; DistillNearest > DistillRandom",
             tiers=("extended",))
@@ -832,7 +844,7 @@ def c1_similarity(scale:str="extended")->Record:
     "C1 as pre-registered: one Spearman per target (mean over its seeds), tested over targets; DistillNearest vs DistillRandom."
     pro = protocol("similar", "c1_similarity", scale="extended"); cfg = _quick_cfg(scale, pro)   # the ci scale reads its alpha and gates
     grid = run_grid(cfg); rows = correlation_table(grid, pro["alpha"]); k = cfg.weight_metric
-    own = {s: source_own_acc(s, cfg.source_steps) for s in SOURCES}; checks = c1_checks(grid, pro, own, k)
+    own = {s: source_own_acc(s, cfg.source_steps, cfg.source_init) for s in SOURCES}; checks = c1_checks(grid, pro, own, k)
     c1, c2 = list(checks.values())[:2]
     m = {"correlations": rows, "source_own_acc": own, "setting_margin_pts": setting_margin(grid),
          "rho_per_target": per_target(grid, lambda c: cell_spearman(c["sims"][k], c["single"])),
@@ -895,7 +907,7 @@ def c2_weighted(scale:str="extended")->Record:
     "C2 as pre-registered: per-target gaps of DistillWeighted over the baselines, tested over targets, next to the paper's."
     pro = protocol("similar", "c2_weighted", scale="extended"); cfg = _quick_cfg(scale, pro)   # the ci scale reads its alpha and gates
     grid = run_grid(cfg); tab = arm_table(grid, cfg.weight_metric); tg = cfg.targets
-    own = {s: source_own_acc(s, cfg.source_steps) for s in SOURCES}; checks = c2_checks(grid, pro, own, cfg.weight_metric)
+    own = {s: source_own_acc(s, cfg.source_steps, cfg.source_init) for s in SOURCES}; checks = c2_checks(grid, pro, own, cfg.weight_metric)
     ct, cf = list(checks.values())[:2]
     gap = lambda a: target_test(per_target(grid, lambda c: 100 * (c["arms"]["weighted"] - arm_acc(c, a, cfg.weight_metric))), pro["alpha"])
     rep = {a: dataclasses.asdict(gap(a)) for a in ("nearest", "srcdata", "scratch", "all") if a in tab}
