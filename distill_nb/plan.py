@@ -797,6 +797,8 @@ def _dry_config(paper:str, config:str|Path, sets:list):
     load_paper(paper)
     return LAUNCHERS[paper].config_cls.from_dict(apply_overrides(read_yaml(config), list(sets)), _where=Path(config).name)
 
+
+# %% ../nbs/07b_plan.ipynb #da4f61c4
 class _Meter:
     "A dry run's memory: the process's RSS on CPU (peak: `ru_maxrss`), the caching allocator's allocated bytes on a GPU (peak since `reset`)."
     def __init__(self, device:torch.device): self.device, self.cuda = device, device.type == "cuda"
@@ -837,6 +839,8 @@ def _dry_step(ph:Phase, mods:dict, opt, mp:str, batch:int, device_type:str)->Cal
         with torch.device("cpu"): opt.step()   # its scalar state (Adam's step count) on CPU, as in a launcher, under any default device
     return step
 
+
+# %% ../nbs/07b_plan.ipynb #1746928b
 def _resume_check(step:Callable, params:list, opt, d:Path, meter:_Meter)->dict:
     "Checkpoint (parameters, optimizer, RNGs), a third step, reload, the third step again: does the state reload exactly, is the resumed step bit-identical?"
     rng = {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(meter.device)} if meter.cuda else {})}
@@ -862,6 +866,8 @@ def plan_dry(paper:str, cfg, phase:str, batch:int, measured:float|None=None)->di
     row = plan_phase(dataclasses.replace(pp, batch=batch, distributed=False), key, getattr(cfg, "mixed_precision", "no"), gpus=1, gpu_mem=1e9)
     return dict(planned=row.peak, plan=dataclasses.asdict(row), **({"ratio": row.peak / measured} if measured else {}))
 
+
+# %% ../nbs/07b_plan.ipynb #10159bbe
 def dry_run_here(paper:str,              # a paper with a planner
                  config:str|Path,        # its full config (YAML)
                  phase:str,              # the phase's name in the plan
@@ -988,6 +994,8 @@ def gpu_dry_runs(names:list|None=None,   # keys of `GPU_DRY_RUNS` (default: all)
         if out: Path(out).write_text(json.dumps(recs, indent=1))
     return recs
 
+
+# %% ../nbs/07b_plan.ipynb #218a4933
 def gpu_dry_run_table(records:list)->str:
     "The GPU dry runs as a markdown table: seconds per step, the allocated peak, the planner's peak and their ratio, the resume check."
     out = ["| case | phase | micro-batch | dtype | s / step | allocated peak | reserved | planned | planned / measured | resume |", "|" + "---|" * 10]
