@@ -150,6 +150,19 @@ def main(argv=None):
         from distill_nb.plan import gpu_dry_run_table
         print(gpu_dry_run_table(res["dryruns"]), flush=True)
 
+def device_checks(res:dict, gpu_mem:float=80)->dict:
+    "The record's checks, each a guard (the code behaves on this device; a failing one is a bug, never a verdict). The planner's ratio is reported, not checked."
+    lj, rs, dr = res.get("launchers", {}), res.get("realsize", {}), res.get("dryruns", [])
+    ok = [r for r in dr if "error" not in r]; GiB = 2 ** 30
+    def g(passed, note): return {"role": "guard", "passed": bool(passed), "note": note}
+    good = [p for p, j in lj.items() if j["ok"] and j.get("weights", {}).get("bit_identical")]
+    fit = [r for r in ok if r["peak_reserved"] < gpu_mem * GiB]
+    return {"launchers end, die at their hook and resume to the uninterrupted weights": g(lj and len(good) == len(lj), f"{len(good)} of {len(lj)}: {', '.join(good)}"),
+            "Distiller's launcher at real architectures ends": g(rs.get("rc") == 0, f"exit {rs.get('rc')} in {rs.get('wall_s')} s"),
+            "every dry-run case ran": g(dr and len(ok) == len(dr), f"{len(ok)} of {len(dr)}"),
+            "every checkpoint reloads the state exactly": g(ok and all(r["reload_equal"] for r in ok), f"{sum(r['reload_equal'] for r in ok)} of {len(ok)}"),
+            f"every case fits {gpu_mem:g} GiB at its per-device micro-batch": g(ok and len(fit) == len(ok), f"{len(fit)} of {len(ok)} (peak reserved)")}
+
 def merge(path:Path, cases:list|None=None):
     "Add `plan_dry`'s peak and planned / measured to each finished dry run (or only to `cases`); write results/device/<gpu>.json."
     from distill_nb.plan import plan_dry, _dry_config, gpu_dry_run_table
@@ -160,6 +173,7 @@ def merge(path:Path, cases:list|None=None):
         p = plan_dry(r["paper"], _dry_config(r["paper"], CONFIGS/r["config"], r["sets"]), r["phase"], r["batch"], r["measured"])
         if p["plan"]["note"] and not p["planned"]: print(f"{r['case']}: not planned here ({p['plan']['note']})"); continue
         r.update(p, planned_with=f"torch {__import__('torch').__version__}, on CPU")
+    res["checks"] = device_checks(res)
     name = (res["environment"]["gpu"] or "cpu").lower().replace("nvidia ", "").replace(" ", "_")
     f = ROOT/"results"/"device"/f"{name}.json"; f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(res, indent=1, default=str) + "\n"); print(gpu_dry_run_table(res.get("dryruns", []))); print(f"wrote {f}")

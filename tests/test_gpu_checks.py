@@ -31,3 +31,5 @@ def test_h200_record_covers_every_case():
     assert [r["case"] for r in rec["dryruns"]] == list(GPU_DRY_RUNS)
     assert all("error" not in r and r["reload_equal"] and r["planned"] > 0 for r in rec["dryruns"])
     assert all(j["ok"] and j["weights"]["bit_identical"] for j in rec["launchers"].values())
+    sys.path.insert(0, str(ROOT/"scripts")); from gpu_checks import device_checks
+    assert rec["checks"] == device_checks(rec) and all(c["role"] == "guard" and c["passed"] for c in rec["checks"].values()), rec["checks"]
