@@ -221,13 +221,23 @@ def run(argv:list[str]|None=None)->dict:
     close_distributed()      # only after success: tearing down while another rank is mid-collective would hang it
     return result
 
+def _leave(code:int, hard:bool):
+    "Exit with `code`; `hard` (a process of a distributed run) skips interpreter shutdown, where gloo can abort."
+    sys.stdout.flush(); sys.stderr.flush()
+    if hard: os._exit(code)
+    sys.exit(code)
+
 def main(argv:list[str]|None=None):
     "Entry point of `python -m distill_nb.launch`: `run`; a user error prints `error: <what>; <how to fix>` and exits 2."
     a = parse_args(argv)
-    try: return run(a)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed: import faulthandler; faulthandler.enable()   # a native abort prints where every thread was
+    try: result = run(a)
     except USER_ERRORS as e:
         if a.debug: raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr); sys.exit(2)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr); _leave(2, distributed)
+    if distributed: _leave(0, True)     # every output is written and the group destroyed: nothing is left to finalize
+    return result
 
 # %% ../nbs/07_launch.ipynb #4fcd773a
 def launch_command(paper:str, config:str|Path, out:str|Path, n_procs:int=2, sets:list[str]=()) -> list[str]:
