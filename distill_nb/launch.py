@@ -10,7 +10,7 @@ from typing import Callable
 # %% auto #0
 __all__ = ['LAUNCHERS', 'USER_ERRORS', 'LaunchSpec', 'launcher', 'apply_overrides', 'make_accelerator', 'split_batch',
            'weight_dtype', 'freeze', 'StreamSampler', 'StepLoader', 'accumulation_step', 'parse_args',
-           'close_distributed', 'LaunchError', 'run', 'main', 'launch_command', 'run_launch']
+           'close_distributed', 'LaunchError', 'run', 'main', 'launch_command', 'run_launch', 'launch_report']
 
 # %% ../nbs/07_launch.ipynb #5723add1
 import torch
@@ -253,6 +253,15 @@ def run_launch(paper:str, config:str|Path, out:str|Path, n_procs:int=2, sets:lis
          **({"DISTILL_NB_HOME": str(home)} if home else {}), **{k: str(v) for k, v in env.items()}}
     return subprocess.run(launch_command(paper, config, out, n_procs, sets), env=e, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+# %% ../nbs/07_launch.ipynb #b61c8ef9
+def launch_report(r, n:int=3000)->str:
+    "The last `n` characters of a finished launch's stderr without `torch.distributed.run`'s own failure report."
+    import re
+    s = r.stderr; i = s.rfind("Traceback (most recent call last):")
+    if i >= 0 and "torch/distributed/run.py" in s[i:] and "ChildFailedError" in s[i:]: s = s[:i]   # the agent's traceback and table
+    s = "\n".join(l for l in s.splitlines() if not re.match(r"[IWE]\d{4} .*torch/distributed/elastic/", l))   # the agent's log lines
+    return s[-n:]
 
 # %% ../nbs/07_launch.ipynb #40c70223
 if __name__ == "__main__" and not getattr(builtins, "__IPYTHON__", False): main()

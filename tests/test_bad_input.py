@@ -6,7 +6,7 @@ teacher in an isolated `DISTILL_NB_HOME`. To keep the time small, most cases run
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
-from distill_nb.launch import run_launch
+from distill_nb.launch import run_launch, launch_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT/"configs"/"hinton"/"tiny.yaml"
@@ -43,7 +43,7 @@ def drive(cases, home, cwd):
     "Run `main(argv)` for each case in one fresh process; returns (info, [[exit status, stderr] or None, ...])."
     r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], env=env(home), cwd=cwd, capture_output=True,
                        text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     d = json.loads(r.stdout.strip().splitlines()[-1]); return d["info"], d["results"]
 
 def teachers(home): return sorted(p.name for p in (Path(home)/"cache"/"models").glob("*.safetensors"))
@@ -182,6 +182,6 @@ def test_torchrun_validates_before_any_process_group(tmp_path):
     r = run_launch("hinton", TINY, tmp_path/"o", 2, ["steps.x=1"], home=tmp_path/"home", timeout=300)
     assert r.returncode != 0
     line = "error: --set steps.x=1: steps is 20, not a mapping with a key 'x'; write --set steps=VALUE\n"
-    assert r.stderr.count(line) >= 1, r.stderr[-3000:]                   # a worker prints its one line (the runner may stop the other first)
+    assert r.stderr.count(line) >= 1, launch_report(r)                   # a worker prints its one line (the runner may stop the other first)
     assert "Traceback" not in r.stderr.split(line)[0]                    # no worker traceback before it
     assert not (tmp_path/"o").exists() and teachers(tmp_path/"home") == []

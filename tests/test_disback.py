@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill_nb.launch import run_launch
+from distill_nb.launch import run_launch, launch_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT/"configs"/"disback"/"tiny.yaml"
@@ -24,7 +24,7 @@ def torchrun(out, home, **env): return run_launch("disback", TINY, out, 2, home=
 def ref_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("ref")
     r = torchrun(d/"run", d/"home")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     return d/"run"
 
 def launch1(out, home):
@@ -56,7 +56,7 @@ def test_two_processes_kill_and_resume_same_node(ref_run, tmp_path):
     assert sorted(p.name for p in (bad/"path").glob("node-*")) == ["node-000", "node-001", "node-002"]
 
     resumed = torchrun(tmp_path/"run", home)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, launch_report(resumed)
     rows = read_curve(tmp_path/"run")                               # resumed at iteration 6: row 7 redone once, nothing lost
     assert [r["iteration"] for r in rows] == list(range(13))
     assert (tmp_path/"run"/"curve.csv").read_bytes() == (ref_run/"curve.csv").read_bytes()
@@ -74,7 +74,7 @@ def one_run(ref_run, tmp_path_factory):
     "The tiny config on 1 process accumulating 2 micro-batches (the same home: the cached digits classifier is reused)."
     d = tmp_path_factory.mktemp("one")
     r = run_launch("disback", TINY, d/"run", 1, ["gradient_accumulation_steps=2"], home=ref_run.parent/"home")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     return d/"run"
 
 def test_two_processes_match_one_process_accumulating(ref_run, one_run):
@@ -100,7 +100,7 @@ def base_bf16(ref_run, tmp_path_factory):
     "The DMD2-style baseline of the tiny config under bf16 autocast (no path; 1 process to keep the file's time down)."
     d = tmp_path_factory.mktemp("base")
     r = run_launch("disback", TINY, d/"run", 1, ["mode=baseline", "mixed_precision=bf16"], home=ref_run.parent/"home")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     return d/"run"
 
 def test_bf16_baseline(base_bf16):
@@ -221,9 +221,9 @@ def sd_runs(tmp_path_factory):
     "tiny_sd.yaml on 2 processes and on 1 process accumulating 2 micro-batches (global batch 4 both)."
     d = tmp_path_factory.mktemp("sd")
     r2 = run_launch("disback", TINY_SD, d/"two", 2, home=d/"home")
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.returncode == 0, launch_report(r2)
     r1 = run_launch("disback", TINY_SD, d/"one", 1, ["gradient_accumulation_steps=2"], home=d/"home")
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r1.returncode == 0, launch_report(r1)
     return d/"two", d/"one"
 
 def test_sd_latent_path_two_processes(sd_runs):
@@ -260,7 +260,7 @@ def test_lora_path_two_processes_match_one_process(ref_run, tmp_path):
     runs = {}
     for n, sets in ((2, []), (1, ["gradient_accumulation_steps=2"])):
         r = run_launch("disback", TINY, tmp_path/f"p{n}", n, ["path_lora_rank=2", *sets], home=ref_run.parent/"home")
-        assert r.returncode == 0, r.stderr[-3000:]; runs[n] = tmp_path/f"p{n}"
+        assert r.returncode == 0, launch_report(r); runs[n] = tmp_path/f"p{n}"
     info = json.loads((runs[2]/"path"/"path.json").read_text())
     assert info["lora"]["rank"] == 2 and sorted(p.name for p in (runs[2]/"path"/"node-002").iterdir()) == ["adapter.safetensors"]
     a, b = (load_file(runs[n]/"path"/"node-002"/"adapter.safetensors") for n in (2, 1))

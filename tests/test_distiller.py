@@ -8,7 +8,7 @@ import json, math
 from pathlib import Path
 import numpy as np, pytest, torch
 from safetensors.torch import load_file
-from distill_nb.launch import run_launch
+from distill_nb.launch import run_launch, launch_report
 from distill_nb.distiller import (interpolated_bound, log_loomean, log_loomean_masked, log_loomean_naive, mi_alpha_cap,
                                   DistillerPipeline, DistillerLoss, layer_mapping, e1_mi_alpha, check_labels, compact_vocab,
                                   MIAlphaLoss, TransformerCritic, encode)
@@ -100,7 +100,7 @@ def launch(out, home, data, *sets, nproc=2, **env):
 def test_two_processes_kill_and_resume(tmp_path):
     home, data = tmp_path/"home", write_synthetic_glue(tmp_path/"data")
     ref = launch(tmp_path/"ref", home, data)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, launch_report(ref)
     s_ref = json.loads((tmp_path/"ref"/"summary.json").read_text())
     assert s_ref["world_size"] == 2 and s_ref["resumed_from"] is None and math.isfinite(s_ref["final_loss"])
     assert s_ref["teacher_check"].startswith("passed"), s_ref["teacher_check"]              # fine-tuned on 2 processes
@@ -117,7 +117,7 @@ def test_two_processes_kill_and_resume(tmp_path):
     assert not (tmp_path/"run"/"student.safetensors").exists()
 
     resumed = launch(tmp_path/"run", home, data)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, launch_report(resumed)
     s = json.loads((tmp_path/"run"/"summary.json").read_text())
     assert s["resumed_from"] == 9 and s["world_size"] == 2
     a, b = load_file(tmp_path/"ref"/"student.safetensors"), load_file(tmp_path/"run"/"student.safetensors")
@@ -131,7 +131,7 @@ def test_inter_weight_zero_two_processes_bf16(tmp_path):
     data = write_synthetic_glue(tmp_path/"data")
     r = launch(tmp_path/"run", tmp_path/"home", data, "pipeline.inter_weight=0", "mixed_precision=bf16", "steps=8",
                "teacher_finetune_steps=0", "teacher_dev_check=false")                # the random teacher as it is: no fine-tuning phase
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     s = json.loads((tmp_path/"run"/"summary.json").read_text())
     assert s["world_size"] == 2 and s["mixed_precision"] == "bf16" and math.isfinite(s["final_loss"])
     assert s["teacher_check"].startswith("not checked") and [h["step"] for h in s["dev_history"]] == [7]

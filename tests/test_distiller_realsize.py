@@ -8,7 +8,7 @@ import json, math, time
 from pathlib import Path
 import pytest
 from safetensors.torch import load_file
-from distill_nb.launch import run_launch
+from distill_nb.launch import run_launch, launch_report
 from distill_nb.distiller_full import write_synthetic_glue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def test_mnli_real_architectures_two_processes(tmp_path):
             "steps=3", "checkpoint_every=2", "num_workers=1"]
     t0 = time.time()
     r = run_launch("distiller", ROOT/"configs"/"distiller"/"glue_mnli.yaml", tmp_path/"run", 2, sets, home=tmp_path/"home")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     s = json.loads((tmp_path/"run"/"summary.json").read_text()); print(f"2 processes, 2 + 3 steps at real size: {time.time() - t0:.0f} s")
     assert s["world_size"] == 2 and s["mixed_precision"] == "bf16" and math.isfinite(s["final_loss"])
     assert {"mnli-m", "mnli-mm"} <= set(s["teacher_dev"]) and {"mnli-m", "mnli-mm"} <= set(s["student_dev_last"]), s["student_dev_last"]

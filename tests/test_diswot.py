@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill_nb.launch import run_launch
+from distill_nb.launch import run_launch, launch_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT/"configs"/"diswot"/"tiny.yaml"
@@ -26,7 +26,7 @@ def same_tensors(fa, fb):
 
 def test_two_processes_kill_in_teacher_search_and_training_then_resume(tmp_path):
     ref = launch(tmp_path/"ref", tmp_path/"home_ref")
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, launch_report(ref)
     s_ref = json.loads((tmp_path/"ref"/"summary.json").read_text())
     assert s_ref["world_size"] == 2 and s_ref["resumed_from"] is None and s_ref["search_resumed_from"] is None
     assert json.loads((tmp_path/"ref"/"teacher"/"summary.json").read_text())["resumed_from"] is None
@@ -55,7 +55,7 @@ def test_two_processes_kill_in_teacher_search_and_training_then_resume(tmp_path)
     assert not (run/"student.safetensors").exists()
 
     ok = launch(run, home)
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.returncode == 0, launch_report(ok)
     s = json.loads((run/"summary.json").read_text())
     assert s["resumed_from"] == 9 and s["search_resumed_from"] == 10 and s["world_size"] == 2
     assert s["best_arch"] == s_ref["best_arch"] and s["best_score"] == s_ref["best_score"]
@@ -86,7 +86,7 @@ def test_imagenet_two_processes_kill_in_search_and_training_then_resume(tmp_path
     data = make_fake_imagenet(tmp_path/"data"); w = make_teacher_file(tmp_path/"r34.safetensors")
     sets = [f"data_root={data}", f"teacher_weights={w}"]
     ref = launch(tmp_path/"ref", tmp_path/"home", *sets, config=IN_TINY)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, launch_report(ref)
     s_ref = json.loads((tmp_path/"ref"/"summary.json").read_text())
     assert s_ref["world_size"] == 2 and s_ref["search_evaluations"] == 10 and s_ref["best_score"] < 0
     from distill_nb.diswot import imagenet_space
@@ -99,7 +99,7 @@ def test_imagenet_two_processes_kill_in_search_and_training_then_resume(tmp_path
     assert k2.returncode != 0
     assert sorted(p.name for p in (run/"checkpoints").glob("checkpoint-*")) == ["checkpoint-00000004", "checkpoint-00000009"]
     ok = launch(run, tmp_path/"home", *sets, config=IN_TINY)
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.returncode == 0, launch_report(ok)
     s = json.loads((run/"summary.json").read_text())
     assert s["resumed_from"] == 9 and s["search_resumed_from"] == 10
     assert (s["best_arch"], s["best_score"], s["final_loss"], s["test_acc"]) == (s_ref["best_arch"], s_ref["best_score"], s_ref["final_loss"], s_ref["test_acc"])
@@ -140,7 +140,7 @@ def test_nb201_read_once_on_main_and_broadcast(tmp_path):
     log = tmp_path/"opens.log"; bench = tmp_path/"nb201.pth"
     r = launch(tmp_path/"nb", home, "space=nb201", "nb201_C=2", "nb201_N=1", f"nb201_file={bench}", "budget_kind=none",
                PYTHONPATH=str(site), NB201_WATCH=str(bench), NB201_OPEN_LOG=str(log))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     assert log.read_text().split() == ["0"]                               # opened once, by rank 0 alone
     s = json.loads((tmp_path/"nb"/"summary.json").read_text())
     assert s["world_size"] == 2 and s["benchmark_accuracy"] == acc[s["best_arch"]]

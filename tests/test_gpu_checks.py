@@ -4,6 +4,7 @@ that fails is a record with its error, not a crash of the loop; the committed H2
 import json, subprocess, sys
 from pathlib import Path
 import pytest
+from distill_nb.launch import launch_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,7 +12,7 @@ def test_launcher_job_on_cpu(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT/"scripts"/"gpu_checks.py"), "--out", str(tmp_path), "--parts", "launchers",
                         "--papers", "hinton", "--timeout", "300"], capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, launch_report(p)
     r = json.loads((tmp_path/"gpu_checks.json").read_text())["launchers"]["hinton"]
     assert r["ok"] and r["killed"]["rc"] == 17, r                       # the hook kills rank 0 with exit 17
     assert r["weights"]["bit_identical"] and r["weights"]["files"] == ["student.safetensors"], r["weights"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from distill_nb.launch import run_launch
+from distill_nb.launch import run_launch, launch_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT/"configs"/"hyper_sd"/"tiny.yaml"
@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
                     main(["hyper_sd", "--config", str(TINY), "--out", str(base/name)] + [a for s in sets for a in ("--set", s)])
             else:
                 r = launch(base/name, base/"home", *sets, nproc=nproc)
-                assert r.returncode == 0, r.stderr[-3000:]
+                assert r.returncode == 0, launch_report(r)
             done[name] = base/name
         return done[name]
     return get
@@ -76,7 +76,7 @@ def test_two_processes_kill_and_resume(tmp_path, runs, coco):
     assert ckpts == ["checkpoint-00000005", "checkpoint-00000007"], ckpts
 
     resumed = launch(tmp_path/"run", home)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, launch_report(resumed)
     s = json.loads((tmp_path/"run"/"summary.json").read_text())
     assert s["resumed_from"] == 7 and s["world_size"] == 2
     for f in ("lora.safetensors", "fake.safetensors", "lora-unified/pytorch_lora_weights.safetensors"):
@@ -235,7 +235,7 @@ def test_bf16_two_processes(tmp_path):
     import math
     r = launch(tmp_path/"bf16", tmp_path/"home", *SHORT, "mixed_precision=bf16", "gradient_accumulation_steps=2", "batch_size=8",
                "fake_score=lora", "fake_rank=2", nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     s = json.loads((tmp_path/"bf16"/"summary.json").read_text())
     assert (s["mixed_precision"], s["world_size"], s["gradient_accumulation_steps"]) == ("bf16", 2, 2), s
     assert all(math.isfinite(v) for v in s["phase_last_loss"].values()), s["phase_last_loss"]

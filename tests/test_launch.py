@@ -6,7 +6,7 @@ import json, math, shutil
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
-from distill_nb.launch import run_launch, main
+from distill_nb.launch import run_launch, main, launch_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT/"configs"/"hinton"/"tiny.yaml"
@@ -30,14 +30,14 @@ def test_two_processes_kill_and_resume(tmp_path, killed):
     assert not (run/"student.safetensors").exists()
 
     ref = launch(tmp_path/"ref", home, sets=ENGINE)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, launch_report(ref)
     s_ref = json.loads((tmp_path/"ref"/"summary.json").read_text())
     assert s_ref["world_size"] == 2 and s_ref["resumed_from"] is None
     assert (s_ref["per_device_batch"], s_ref["gradient_accumulation_steps"]) == (8, 2)
 
     shutil.copytree(run, tmp_path/"run")                                    # the corrupt-checkpoint test uses the original
     resumed = launch(tmp_path/"run", home, sets=ENGINE)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, launch_report(resumed)
     s = json.loads((tmp_path/"run"/"summary.json").read_text())
     assert s["resumed_from"] == 9 and s["world_size"] == 2
     a, b = load_file(tmp_path/"ref"/"student.safetensors"), load_file(tmp_path/"run"/"student.safetensors")
@@ -65,7 +65,7 @@ def test_bf16_two_processes(tmp_path):
     from distill_nb.core import seed_everything
     from distill_nb.hinton import mlp
     r = launch(tmp_path/"o", tmp_path/"home", 2, ["mixed_precision=bf16"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     s = json.loads((tmp_path/"o"/"summary.json").read_text())
     assert s["mixed_precision"] == "bf16" and s["world_size"] == 2 and math.isfinite(s["final_loss"])
     seed_everything(0); init = mlp([16, 8, 4]).state_dict(); w = weights(tmp_path/"o")     # the launcher's seed and student

@@ -9,6 +9,7 @@ generic source and distils a MobileNetV3-Small student (teacher: feature, whose 
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
+from distill_nb.launch import launch_report
 
 try: import timm                                  # a torchvision that does not load raises RuntimeError, not ImportError
 except (ImportError, RuntimeError): timm = None
@@ -45,14 +46,14 @@ def test_real_timm_sources_and_student(tmp_path):
     cfg = _config(tmp_path, data); env = {**os.environ, "DISTILL_NB_PROGRESS": "0"}
     r = subprocess.run([sys.executable, str(ROOT/"scripts"/"finetune_sources.py"), "--config", str(cfg), "--set", "steps=3",
                         "--set", "batch_size=8", "--set", "checkpoint_every=2"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_report(r)
     pre = load_file(tmp_path/"pre"/"resnet18.safetensors")
     for n, k in (("a", 3), ("b", 4)):
         w = load_file(tmp_path/"w"/f"{n}.safetensors")
         assert w["fc.weight"].shape == (k, 512) and not torch.equal(w["conv1.weight"], pre["conv1.weight"])
 
     run = run_launch("similar", cfg, tmp_path/"out", 2, [], home=tmp_path/"home", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, launch_report(run)
     s = json.loads((tmp_path/"out"/"summary.json").read_text())
     assert s["sources"] == ["generic", "a", "b"] and len(s["teacher_test_acc"]) == 3 and 0 <= s["student_test_acc"] <= 1
     st = load_file(tmp_path/"out"/"student.safetensors")               # timm's own layout: it loads into timm's model
