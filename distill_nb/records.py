@@ -153,16 +153,16 @@ def power_gate(value:float, threshold:float, at_most:bool=False, note:str="", un
     ok = bool(np.isfinite(value) and (value <= threshold if at_most else value >= threshold))
     return Check("power", ok, post_hoc=post_hoc, value=float(value), threshold=float(threshold), at_most=at_most, unit=unit, note=note)
 
-def seeds_gate(pilot_sd:float, n:int, sesoi:float, alpha:float=0.05, power:float=0.8, unit:str="")->Check:
-    "Power gate of a paired claim: the minimum detectable effect of `n` seeds <= the smallest effect of interest."
+def seeds_gate(pilot_sd:float, n:int, sesoi:float, alpha:float=0.05, power:float=0.8, unit:str="", replicate:str="seeds")->Check:
+    "Power gate of a paired claim: the minimum detectable effect of `n` seeds (or other `replicate`s) <= the smallest effect of interest."
     from distill_nb.stats import min_detectable_effect, seeds_needed
     if pilot_sd == 0:   # no pilot noise: the MDE (linear in the sd) is 0 wherever n seeds can reach alpha at all
         mde = 0.0 if np.isfinite(min_detectable_effect(n, 1.0, alpha, power)) else float("inf")
     else: mde = min_detectable_effect(n, pilot_sd, alpha, power)
-    try: need = f"{seeds_needed(sesoi, pilot_sd or 1e-9 * sesoi, alpha, power)} seeds would reach it"
-    except ValueError as e: need = str(e).removeprefix("seeds_needed: ")   # "more than N seeds for effect ...; reduce the noise instead"
+    try: need = f"{seeds_needed(sesoi, pilot_sd or 1e-9 * sesoi, alpha, power)} {replicate} would reach it"
+    except ValueError as e: need = str(e).removeprefix("seeds_needed: ").replace(" seeds ", f" {replicate} ")   # "more than N seeds for effect ...; reduce the noise instead"
     return power_gate(mde, sesoi, at_most=True, unit=unit,
-                      note=f"minimum detectable effect at {n} seeds (power {power}, pilot sd {pilot_sd:.3g}) vs the "
+                      note=f"minimum detectable effect at {n} {replicate} (power {power}, pilot sd {pilot_sd:.3g}) vs the "
                            f"pre-registered smallest effect of interest {sesoi:g}; {need}")
 
 # %% ../nbs/05_records.ipynb #b2c0a005

@@ -782,7 +782,7 @@ def over_targets(t)->str: return f"exact one-sided sign-flip test over {t.n} tar
 def targets_gate(pilot:Sequence[float], n:int, pro:dict, unit:str=""):
     "The power gate over targets: the minimum detectable effect of `n` targets, from the pilot seeds' per-target sd, <= the SESOI."
     if len(pilot) < 2: return power_gate(float("inf"), pro["sesoi"], at_most=True, unit=unit, note="fewer than 2 pilot targets: no sd")
-    return seeds_gate(float(np.std(pilot, ddof=1)), n, pro["sesoi"], pro["alpha"], pro["power"], unit=unit)
+    return seeds_gate(float(np.std(pilot, ddof=1)), n, pro["sesoi"], pro["alpha"], pro["power"], unit=unit, replicate="targets")
 
 # %% ../nbs/30_distill_similar.ipynb #fcbf3c0c
 def correlation_table(grid:dict, alpha:float=0.05)->list[dict]:
